@@ -1,0 +1,23 @@
+"""Losses and triplet selection; device-agnostic (everything follows its inputs)."""
+
+from .center_loss import CenterLoss
+from .triplet_loss import (
+    SELECTION_RULES,
+    TripletLoss,
+    batch_all_triplets,
+    batch_hard_triplets,
+    distance_matrix,
+    pair_distances,
+    select_triplets,
+)
+
+__all__ = [
+    "SELECTION_RULES",
+    "CenterLoss",
+    "TripletLoss",
+    "batch_all_triplets",
+    "batch_hard_triplets",
+    "distance_matrix",
+    "pair_distances",
+    "select_triplets",
+]

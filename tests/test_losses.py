@@ -1,0 +1,178 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (
+    CenterLoss,
+    TripletLoss,
+    batch_all_triplets,
+    batch_hard_triplets,
+    distance_matrix,
+    select_triplets,
+)
+
+
+def euclid(x, y, squared=False):
+    d = math.sqrt(sum((float(a) - float(b) + 1e-6) ** 2 for a, b in zip(x, y, strict=True)))
+    return d * d if squared else d
+
+
+def random_triplets(n=50, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1) for _ in range(3)]
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_triplet_loss_matches_brute_force(squared):
+    anchor, positive, negative = random_triplets()
+    loss = TripletLoss(margin=0.3, squared=squared)(anchor, positive, negative)
+    expected = sum(
+        max(euclid(a, p, squared) - euclid(a, n, squared) + 0.3, 0.0)
+        for a, p, n in zip(anchor, positive, negative, strict=True)
+    ) / len(anchor)
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_triplet_loss_matches_torch_oracle_and_gradients():
+    anchor, positive, negative = (t.clone().requires_grad_() for t in random_triplets(seed=1))
+    ours = TripletLoss(margin=0.2)(anchor, positive, negative)
+    oracle = F.triplet_margin_loss(anchor, positive, negative, margin=0.2, p=2)
+    torch.testing.assert_close(ours, oracle)
+    ours_grads = torch.autograd.grad(ours, (anchor, positive, negative))
+    oracle_grads = torch.autograd.grad(
+        F.triplet_margin_loss(anchor, positive, negative, margin=0.2, p=2), (anchor, positive, negative)
+    )
+    for a, b in zip(ours_grads, oracle_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_triplet_loss_of_no_triplets_is_a_zero_with_a_graph():
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    empty = x[:0]
+    loss = TripletLoss(margin=0.2)(empty, empty, empty)
+    assert loss.item() == 0.0 and loss.dtype == torch.float64 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_triplet_loss_rejects_non_positive_margin():
+    with pytest.raises(ValueError, match="margin"):
+        TripletLoss(margin=0.0)
+
+
+@pytest.mark.parametrize("rule", ["hard", "semihard", "all"])
+def test_select_triplets_matches_brute_force(rule):
+    anchor, positive, negative = random_triplets(n=200, seed=2)
+    margin = 0.4
+    kept = select_triplets(anchor, positive, negative, margin, rule=rule).tolist()
+    expected = []
+    for i, (a, p, n) in enumerate(zip(anchor, positive, negative, strict=True)):
+        dp, dn = euclid(a, p), euclid(a, n)
+        if rule == "hard":
+            keep = dn - dp < margin
+        elif rule == "semihard":
+            keep = dp < dn < dp + margin
+        else:
+            keep = True
+        if keep:
+            expected.append(i)
+    assert kept == expected
+    assert 0 < len(kept) <= 200
+
+
+def test_select_triplets_unknown_rule():
+    anchor, positive, negative = random_triplets(n=3)
+    with pytest.raises(ValueError, match="unknown triplet selection rule"):
+        select_triplets(anchor, positive, negative, 0.2, rule="easy")
+
+
+def pk_batch(p=4, k=3, dim=6, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = F.normalize(torch.randn(p * k, dim, generator=generator, dtype=torch.float64), dim=1)
+    labels = torch.arange(p).repeat_interleave(k)
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_distance_matrix_matches_cdist(squared):
+    embeddings, _ = pk_batch()
+    expected = torch.cdist(embeddings, embeddings)
+    expected = expected.pow(2) if squared else expected
+    torch.testing.assert_close(distance_matrix(embeddings, squared).double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_batch_hard_matches_brute_force():
+    embeddings, labels = pk_batch()
+    labels[-1] = 99  # a singleton identity: never an anchor, but a negative for everyone else
+    anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
+    n = len(labels)
+    dist = [[euclid(embeddings[i], embeddings[j]) for j in range(n)] for i in range(n)]
+    expected = []
+    for a in range(n):
+        pos = [j for j in range(n) if j != a and labels[j] == labels[a]]
+        neg = [j for j in range(n) if labels[j] != labels[a]]
+        if pos and neg:
+            expected.append((a, max(pos, key=lambda j: dist[a][j]), min(neg, key=lambda j: dist[a][j])))
+    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist(), strict=True)) == expected
+    assert n - 1 not in anchors.tolist()
+
+
+def test_batch_all_matches_brute_force():
+    embeddings, labels = pk_batch(p=3, k=4)
+    margin = 0.5
+    got = set(zip(*(t.tolist() for t in batch_all_triplets(embeddings, labels, margin)), strict=True))
+    n = len(labels)
+    expected = {
+        (a, p, q)
+        for a, p, q in itertools.product(range(n), repeat=3)
+        if a != p
+        and labels[a] == labels[p]
+        and labels[q] != labels[a]
+        and euclid(embeddings[a], embeddings[p]) - euclid(embeddings[a], embeddings[q]) + margin > 1e-9
+    }
+    assert got == expected and len(got) > 0
+
+
+def test_mining_without_positives_returns_nothing():
+    embeddings = torch.randn(5, 4)
+    labels = torch.arange(5)
+    assert batch_hard_triplets(embeddings, labels)[0].numel() == 0
+    assert batch_all_triplets(embeddings, labels, 0.2)[0].numel() == 0
+
+
+def test_center_loss_matches_brute_force_and_follows_dtype():
+    torch.manual_seed(0)
+    loss_fn = CenterLoss(num_classes=5, feat_dim=4).double()
+    features = torch.randn(9, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 2])
+    expected = sum(
+        sum((float(f) - float(c)) ** 2 for f, c in zip(features[i], loss_fn.centers.detach()[labels[i]], strict=True))
+        for i in range(9)
+    ) / 9
+    loss = loss_fn(features, labels)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_center_loss_gradient_step_moves_centers_by_the_formula():
+    torch.manual_seed(1)
+    num_classes, dim, weight, lr = 4, 3, 0.007, 0.5
+    loss_fn = CenterLoss(num_classes, dim).double()
+    features = torch.randn(6, dim, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    before = loss_fn.centers.detach().clone()
+    optimizer = torch.optim.SGD(loss_fn.parameters(), lr=lr)
+    (weight * loss_fn(features, labels)).backward()
+    for parameter in loss_fn.parameters():  # undo the loss weight before the step, as the training script does
+        parameter.grad /= weight
+    optimizer.step()
+    batch = len(labels)
+    for j in range(num_classes):
+        members = features[labels == j]
+        # d/dc_j of mean_i ||x_i - c_{y_i}||^2 = (2 / B) * sum_{i: y_i = j} (c_j - x_i)
+        expected = before[j] - lr * 2.0 / batch * (len(members) * before[j] - members.sum(dim=0))
+        torch.testing.assert_close(loss_fn.centers[j].detach(), expected)
+    assert torch.equal(loss_fn.centers[3].detach(), before[3])  # a class absent from the batch stays put
