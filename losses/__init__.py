@@ -9,6 +9,7 @@ from .triplet_loss import (
     distance_matrix,
     pair_distances,
     select_triplets,
+    triplet_selection_mask,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "distance_matrix",
     "pair_distances",
     "select_triplets",
+    "triplet_selection_mask",
 ]

@@ -47,20 +47,35 @@ class TripletLoss(nn.Module):
         self.margin = margin
         self.squared = squared
 
-    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        if anchor.shape[0] == 0:
+    def forward(
+        self,
+        anchor: torch.Tensor,
+        positive: torch.Tensor,
+        negative: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean loss over the triplets given, or over those where ``mask`` is true.
+
+        The mask form lets a training step select triplets without the device sync that indexing by a
+        data-dependent number of rows costs on a GPU.
+        """
+        if mask is None and anchor.shape[0] == 0:
             # a zero connected to the inputs: backward works and produces zero gradients
             return (anchor.sum() + positive.sum() + negative.sum()) * 0.0
         positive_distances = pair_distances(anchor, positive, self.squared)
         negative_distances = pair_distances(anchor, negative, self.squared)
-        return F.relu(positive_distances - negative_distances + self.margin).mean()
+        losses = F.relu(positive_distances - negative_distances + self.margin)
+        if mask is None:
+            return losses.mean()
+        # where() rather than multiplication, so a non-finite loss outside the mask cannot leak in
+        return torch.where(mask, losses, 0.0).sum() / mask.sum().clamp_min(1)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}"
 
 
 @torch.no_grad()
-def select_triplets(
+def triplet_selection_mask(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negative: torch.Tensor,
@@ -68,7 +83,7 @@ def select_triplets(
     rule: str = "hard",
     squared: bool = False,
 ) -> torch.Tensor:
-    """Indices of the pre-generated triplets worth training on, as a 1-D long tensor.
+    """Which pre-generated triplets are worth training on, as a boolean mask (no device sync).
 
     - ``hard``: the original repository's rule, ``d(a, n) - d(a, p) < margin`` (every triplet with a
       non-zero loss, the too-hard ones with d(a, n) < d(a, p) included);
@@ -80,12 +95,22 @@ def select_triplets(
     positive_distances = pair_distances(anchor, positive, squared)
     negative_distances = pair_distances(anchor, negative, squared)
     if rule == "hard":
-        keep = negative_distances - positive_distances < margin
-    elif rule == "semihard":
-        keep = (positive_distances < negative_distances) & (negative_distances < positive_distances + margin)
-    else:
-        keep = torch.ones_like(positive_distances, dtype=torch.bool)
-    return keep.nonzero().flatten()
+        return negative_distances - positive_distances < margin
+    if rule == "semihard":
+        return (positive_distances < negative_distances) & (negative_distances < positive_distances + margin)
+    return torch.ones_like(positive_distances, dtype=torch.bool)
+
+
+def select_triplets(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float,
+    rule: str = "hard",
+    squared: bool = False,
+) -> torch.Tensor:
+    """Indices of the triplets ``triplet_selection_mask`` keeps, as a 1-D long tensor."""
+    return triplet_selection_mask(anchor, positive, negative, margin, rule, squared).nonzero().flatten()
 
 
 def _label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from losses import (
     batch_hard_triplets,
     distance_matrix,
     select_triplets,
+    triplet_selection_mask,
 )
 
 
@@ -176,3 +177,26 @@ def test_center_loss_gradient_step_moves_centers_by_the_formula():
         expected = before[j] - lr * 2.0 / batch * (len(members) * before[j] - members.sum(dim=0))
         torch.testing.assert_close(loss_fn.centers[j].detach(), expected)
     assert torch.equal(loss_fn.centers[3].detach(), before[3])  # a class absent from the batch stays put
+
+
+@pytest.mark.parametrize("rule", ["hard", "semihard"])
+def test_masked_loss_equals_loss_of_selected_triplets(rule):
+    anchor, positive, negative = (t.clone().requires_grad_() for t in random_triplets(n=64, seed=4))
+    loss_fn = TripletLoss(margin=0.3)
+    mask = triplet_selection_mask(anchor, positive, negative, 0.3, rule)
+    keep = select_triplets(anchor, positive, negative, 0.3, rule)
+    masked = loss_fn(anchor, positive, negative, mask=mask)
+    indexed = loss_fn(anchor[keep], positive[keep], negative[keep])
+    torch.testing.assert_close(masked, indexed)
+    grads_masked = torch.autograd.grad(masked, anchor)[0]
+    grads_indexed = torch.autograd.grad(loss_fn(anchor[keep], positive[keep], negative[keep]), anchor)[0]
+    torch.testing.assert_close(grads_masked, grads_indexed)
+
+
+def test_masked_loss_with_nothing_selected_is_zero_with_gradients():
+    anchor, positive, negative = (t.clone().requires_grad_() for t in random_triplets(n=8))
+    mask = torch.zeros(8, dtype=torch.bool)
+    loss = TripletLoss(margin=0.2)(anchor, positive, negative, mask=mask)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(anchor.grad, torch.zeros_like(anchor))

@@ -1,0 +1,284 @@
+"""LFW verification metrics from pair distances: cross-validated accuracy, ROC, and TAR at fixed FAR.
+
+Pure numpy / scikit-learn, no torch and no file I/O: callers embed the pairs, compute one distance per pair
+and pass the distances with the same/different labels. A pair is predicted "same" when its distance is
+strictly below the threshold.
+
+The protocol follows the LFW "unrestricted" evaluation used by FaceNet
+(https://github.com/davidsandberg/facenet/blob/master/src/lfw.py): the pairs are split into the official
+folds (consecutive blocks, never shuffled); for each fold the threshold is chosen on the other folds and
+the metrics are measured on the held-out one. Unlike the grid search of the original repository, the
+thresholds here are exact optima over the observed distances, so any distance scale works.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from errors import InputError
+
+
+class _OriginalFields(NamedTuple):
+    true_positive_rate: np.ndarray  # ROC over all pairs (sklearn.metrics.roc_curve)
+    false_positive_rate: np.ndarray
+    precision: np.ndarray  # per fold, at that fold's best-accuracy threshold
+    recall: np.ndarray
+    accuracy: np.ndarray
+    roc_auc: float
+    best_distances: np.ndarray  # per fold: the distance threshold chosen on the training folds
+    tar: np.ndarray  # per fold TAR at `far_target`
+    far: np.ndarray  # per fold measured FAR at `far_target`
+
+
+class LFWMetrics(_OriginalFields):
+    """Everything `evaluate_lfw` measures.
+
+    As a tuple it is exactly the original `evaluate_lfw`'s nine values in the original order, so
+    `tpr, fpr, precision, recall, accuracy, roc_auc, best_distances, tar, far = evaluate_lfw(...)` keeps
+    working; the newer results are attributes only. Per-fold arrays have one entry per fold; the ROC arrays
+    cover all pairs at once.
+    """
+
+    thresholds: np.ndarray  # ROC thresholds as distances (a pair counts as same when distance <= threshold)
+    far_targets: tuple[float, ...]
+    tar_at_far: dict[float, np.ndarray]  # far target -> per-fold TAR
+    far_at_far: dict[float, np.ndarray]  # far target -> per-fold measured FAR
+
+    def __new__(cls, *fields, thresholds, far_targets, tar_at_far, far_at_far, **named_fields):
+        metrics = super().__new__(cls, *fields, **named_fields)
+        metrics.thresholds = thresholds
+        metrics.far_targets = far_targets
+        metrics.tar_at_far = tar_at_far
+        metrics.far_at_far = far_at_far
+        return metrics
+
+
+class FoldRates(NamedTuple):
+    """Counts turned into rates on one fold at one threshold; empty denominators give 0, not NaN."""
+
+    accuracy: float
+    precision: float
+    recall: float  # also the true accept rate (TAR)
+    false_accept_rate: float
+
+
+def evaluate_lfw(
+    distances,
+    labels,
+    num_folds: int = 10,
+    far_target: float = 1e-3,
+    far_targets=(1e-1, 1e-2, 1e-3),
+) -> LFWMetrics:
+    """Evaluate pair distances against same/different labels with the LFW ten-fold protocol.
+
+    `distances` holds one distance per pair and `labels` 1 (or True) for a same-person pair, in the order of
+    the pairs file, so that consecutive blocks are the official folds. `far_target` is the target reported
+    in `tar`/`far`; it is added to `far_targets` if missing. Folds without positives (or negatives) report a
+    recall/TAR (or FAR) of 0 and a fold with nothing predicted same a precision of 0, never NaN. Raises
+    `InputError` (a ValueError) for mismatched or malformed inputs.
+    """
+    distances, labels = _validate_pairs(distances, labels, num_folds)
+    far_targets = _merge_far_targets(far_target, far_targets)
+
+    accuracy, precision, recall, best_distances = (np.zeros(num_folds) for _ in range(4))
+    tar_at_far = {target: np.zeros(num_folds) for target in far_targets}
+    far_at_far = {target: np.zeros(num_folds) for target in far_targets}
+    for fold, (train, test) in enumerate(lfw_fold_splits(distances.size, num_folds)):
+        threshold = best_accuracy_threshold(distances[train], labels[train])
+        rates = rates_at_threshold(distances[test], labels[test], threshold)
+        best_distances[fold] = threshold
+        accuracy[fold], precision[fold], recall[fold] = rates.accuracy, rates.precision, rates.recall
+        for target in far_targets:
+            far_threshold = threshold_at_far(distances[train], labels[train], target)
+            far_rates = rates_at_threshold(distances[test], labels[test], far_threshold)
+            tar_at_far[target][fold] = far_rates.recall
+            far_at_far[target][fold] = far_rates.false_accept_rate
+
+    # roc_curve ranks by score, so negate: a smaller distance means "more likely the same person".
+    false_positive_rate, true_positive_rate, score_thresholds = roc_curve(labels, -distances)
+    roc_auc = float(roc_auc_score(labels, -distances))
+    return LFWMetrics(
+        true_positive_rate=true_positive_rate,
+        false_positive_rate=false_positive_rate,
+        precision=precision,
+        recall=recall,
+        accuracy=accuracy,
+        roc_auc=roc_auc,
+        best_distances=best_distances,
+        tar=tar_at_far[float(far_target)],
+        far=far_at_far[float(far_target)],
+        thresholds=-score_thresholds,
+        far_targets=far_targets,
+        tar_at_far=tar_at_far,
+        far_at_far=far_at_far,
+    )
+
+
+def lfw_fold_splits(num_pairs: int, num_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_indices, test_indices) per fold: consecutive blocks in file order, as the LFW folds are.
+
+    Same blocks as sklearn's KFold(n_splits=num_folds, shuffle=False).
+    """
+    indices = np.arange(num_pairs)
+    test_blocks = np.array_split(indices, num_folds)
+    return [(np.setdiff1d(indices, test, assume_unique=True), test) for test in test_blocks]
+
+
+def best_accuracy_threshold(distances: np.ndarray, labels: np.ndarray) -> float:
+    """The distance threshold with the highest accuracy on these pairs (smallest one on ties).
+
+    Sorting the distances turns every possible decision into "predict same for the k smallest"; a running
+    sum of the labels gives the true positives of every k at once. Only cuts between distinct values are
+    allowed, so tied distances always fall on the same side. The threshold reported for a cut is the midpoint
+    between the last included distance and the next one, which generalises better to the held-out fold than
+    either end.
+    """
+    order = np.argsort(distances, kind="stable")
+    sorted_distances, sorted_labels = distances[order], labels[order]
+    num_pairs = sorted_distances.size
+    num_negatives = num_pairs - int(sorted_labels.sum())
+
+    true_positives = np.concatenate(([0], np.cumsum(sorted_labels, dtype=np.int64)))
+    num_included = np.arange(num_pairs + 1)
+    false_positives = num_included - true_positives
+    num_correct = true_positives + (num_negatives - false_positives)
+
+    allowed_cut = np.ones(num_pairs + 1, dtype=bool)
+    allowed_cut[1:num_pairs] = sorted_distances[1:] > sorted_distances[:-1]
+    best_cut = int(np.argmax(np.where(allowed_cut, num_correct, -1)))
+
+    if best_cut == 0:  # nothing is "same": the smallest distance itself fails the strict test
+        return float(sorted_distances[0])
+    if best_cut == num_pairs:  # everything is "same": the smallest threshold above the largest distance
+        return float(np.nextafter(sorted_distances[-1], np.inf))
+    return _threshold_between(sorted_distances[best_cut - 1], sorted_distances[best_cut])
+
+
+def threshold_at_far(distances: np.ndarray, labels: np.ndarray, far_target: float) -> float:
+    """The largest threshold whose false accept rate on these pairs is at most `far_target`.
+
+    With a strict "distance < threshold" test, accepting at most m negatives allows any threshold up to the
+    (m+1)-th smallest negative distance, so that distance is the answer; ties at it are all rejected. It is
+    exact, unlike the interpolation over a threshold grid in the original code. Returns +inf when every
+    negative may be accepted (including when there are no negatives, whose FAR counts as 0).
+    """
+    negatives = np.sort(distances[~labels])
+    num_negatives = negatives.size
+    if num_negatives == 0:
+        return float("inf")
+    # The largest count m with m / num_negatives <= target, computed the way a FAR is compared, so
+    # float rounding of target * num_negatives cannot shift it.
+    rates = np.arange(num_negatives + 1) / num_negatives
+    max_false_accepts = int(np.flatnonzero(rates <= far_target)[-1])
+    if max_false_accepts == num_negatives:
+        return float("inf")
+    return float(negatives[max_false_accepts])
+
+
+def rates_at_threshold(distances: np.ndarray, labels: np.ndarray, threshold: float) -> FoldRates:
+    """Accuracy, precision, recall (TAR) and FAR when pairs closer than `threshold` are called same."""
+    predicted_same = distances < threshold
+    true_positives = int(np.sum(predicted_same & labels))
+    false_positives = int(np.sum(predicted_same & ~labels))
+    num_positives = int(np.sum(labels))
+    num_negatives = labels.size - num_positives
+    true_negatives = num_negatives - false_positives
+    return FoldRates(
+        accuracy=(true_positives + true_negatives) / labels.size,
+        precision=_ratio(true_positives, true_positives + false_positives),
+        recall=_ratio(true_positives, num_positives),
+        false_accept_rate=_ratio(false_positives, num_negatives),
+    )
+
+
+def format_metrics(metrics: LFWMetrics) -> list[str]:
+    """The lines the training and validation scripts print after an LFW evaluation."""
+    lines = [
+        f"Accuracy on LFW: {np.mean(metrics.accuracy):.4f}+-{np.std(metrics.accuracy):.4f}",
+        f"Precision {np.mean(metrics.precision):.4f}+-{np.std(metrics.precision):.4f}",
+        f"Recall {np.mean(metrics.recall):.4f}+-{np.std(metrics.recall):.4f}",
+        f"ROC Area Under Curve: {metrics.roc_auc:.4f}",
+        f"Best distance threshold: {np.mean(metrics.best_distances):.2f}+-{np.std(metrics.best_distances):.2f}",
+    ]
+    for target in metrics.far_targets:
+        tar = metrics.tar_at_far[target]
+        lines.append(f"TAR: {np.mean(tar):.4f}+-{np.std(tar):.4f} @ FAR: {target:g}")
+    return lines
+
+
+def metrics_summary(metrics: LFWMetrics) -> dict[str, float]:
+    """Scalar summary for CSV logs and JSON: plain Python floats only.
+
+    Keys: accuracy/precision/recall/best_distance_threshold `_mean` and `_std`, `roc_auc`, and for every
+    FAR target t (formatted with `{t:g}`, e.g. 0.001) `tar_at_far_{t}_mean/_std` and `far_at_far_{t}_mean/_std`
+    (the FAR actually measured on the test folds).
+    """
+    summary: dict[str, float] = {}
+
+    def add_mean_std(name: str, per_fold: np.ndarray) -> None:
+        summary[f"{name}_mean"] = float(np.mean(per_fold))
+        summary[f"{name}_std"] = float(np.std(per_fold))
+
+    add_mean_std("accuracy", metrics.accuracy)
+    add_mean_std("precision", metrics.precision)
+    add_mean_std("recall", metrics.recall)
+    summary["roc_auc"] = float(metrics.roc_auc)
+    add_mean_std("best_distance_threshold", metrics.best_distances)
+    for target in metrics.far_targets:
+        add_mean_std(f"tar_at_far_{target:g}", metrics.tar_at_far[target])
+        add_mean_std(f"far_at_far_{target:g}", metrics.far_at_far[target])
+    return summary
+
+
+def _validate_pairs(distances, labels, num_folds) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes and values once, so the fold loop can assume clean float64 / bool arrays."""
+    distances = np.asarray(distances, dtype=np.float64)
+    labels_array = np.asarray(labels)
+    if distances.ndim != 1 or labels_array.ndim != 1:
+        raise InputError(
+            f"distances and labels must be 1-D arrays, got shapes {distances.shape} and {labels_array.shape}"
+        )
+    if distances.size != labels_array.size:
+        raise InputError(
+            f"got {distances.size} distances but {labels_array.size} labels; need one label per pair"
+        )
+    if not np.all(np.isfinite(distances)):
+        raise InputError("distances must all be finite (found NaN or inf)")
+    if not np.all((labels_array == 0) | (labels_array == 1)):
+        raise InputError("labels must be 0/1 or booleans (1 = same person)")
+    labels_array = labels_array.astype(bool)
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise InputError(f"num_folds must be an integer >= 2, got {num_folds!r}")
+    if distances.size < num_folds:
+        raise InputError(f"need at least one pair per fold: {distances.size} pairs for {num_folds} folds")
+    if labels_array.all() or not labels_array.any():
+        raise InputError("labels must contain both same (1) and different (0) pairs")
+    return distances, labels_array
+
+
+def _merge_far_targets(far_target, far_targets) -> tuple[float, ...]:
+    """The FAR targets in the given order, with the reported `far_target` appended if it is missing."""
+    merged = []
+    for target in (*far_targets, far_target):
+        target = float(target)
+        if not 0.0 <= target <= 1.0:
+            raise InputError(f"FAR targets must lie in [0, 1], got {target}")
+        if target not in merged:
+            merged.append(target)
+    return tuple(merged)
+
+
+def _threshold_between(included: float, excluded: float) -> float:
+    """A threshold t with included < t <= excluded, as close to their midpoint as floats allow."""
+    midpoint = 0.5 * included + 0.5 * excluded
+    # adjacent floats have no midpoint strictly above `included`; the next float up then still excludes
+    # `excluded` under the strict test, because it *is* `excluded`.
+    return float(max(midpoint, np.nextafter(included, np.inf)))
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator, with 0 for an empty denominator (a fold without positives or negatives)."""
+    return numerator / denominator if denominator else 0.0
