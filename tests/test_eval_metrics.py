@@ -171,7 +171,7 @@ def test_scaling_distances_scales_thresholds_only():
 
 
 def assert_all_finite(metrics):
-    for field in metrics._fields:
+    for field in (*metrics._fields, "thresholds", "tar_at_far", "far_at_far"):
         value = getattr(metrics, field)
         if field == "thresholds":
             value = value[1:]  # roc_curve's first threshold is "accept nothing": -inf as a distance
