@@ -1,0 +1,196 @@
+"""End-to-end tests of train_triplet.py on a tiny synthetic dataset, on the CPU."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_triplet
+from tests.training_data import REPO, common_args, tiny_demo_data  # noqa: F401  (fixture)
+
+
+def run_main(args) -> int:
+    return train_triplet.main([str(a) for a in args])
+
+
+def triplet_args(data, output_dir, *extra):
+    return [*common_args(data, output_dir), "--num_triplets_train", "24", "--batch_size", "8", *extra]
+
+
+def test_one_epoch_writes_every_file(tiny_demo_data, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
+    out = capsys.readouterr().out
+    assert "Accuracy on LFW" in out and "TAR" in out and "average triplet loss" in out
+
+    checkpoint_path = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    original_keys = {
+        "epoch",
+        "embedding_dimension",
+        "batch_size_training",
+        "model_state_dict",
+        "model_architecture",
+        "optimizer_model_state_dict",
+        "best_distance_threshold",
+    }
+    assert original_keys <= set(checkpoint)
+    assert checkpoint["epoch"] == 1 and checkpoint["model_architecture"] == "resnet18"
+    assert checkpoint["embedding_dimension"] == 16 and checkpoint["batch_size_training"] == 8
+    assert type(checkpoint["best_distance_threshold"]) is float
+    assert {"model.fc.0.weight", "model.fc.3.weight"} <= set(checkpoint["model_state_dict"])
+
+    with (output_dir / "training_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["epoch"] == "1"
+    assert 0 < int(rows[0]["num_triplets"]) <= 24
+    assert 0.0 <= float(rows[0]["accuracy_mean"]) <= 1.0
+    for name in ("roc_resnet18_epoch_1.png", "lfw_accuracies.png", "training_loss.png"):
+        assert (output_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert config["task"] == "triplet" and config["margin"] == 0.2
+    assert (output_dir / "train.log").read_text().count("Accuracy on LFW") == 1
+    assert list(output_dir.glob("**/*.tmp*")) == []
+
+
+def test_resume_gives_the_same_weights_as_training_straight_through(tiny_demo_data, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_main(triplet_args(tiny_demo_data, straight, "--epochs", "2")) == 0
+    split = tmp_path / "split"
+    assert run_main(triplet_args(tiny_demo_data, split, "--epochs", "1")) == 0
+    first = split / "checkpoints" / "model_resnet18_triplet_epoch_1.pt"
+    assert run_main(triplet_args(tiny_demo_data, split, "--epochs", "2", "--resume_path", first)) == 0
+
+    a = torch.load(straight / "checkpoints" / "model_resnet18_triplet_epoch_2.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "model_resnet18_triplet_epoch_2.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert a["history"]["losses"] == b["history"]["losses"]
+    with (split / "training_log.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("selection", ["semihard", "batch_hard", "batch_all"])
+def test_other_selection_rules_train(tiny_demo_data, tmp_path, selection):
+    extra = ["--epochs", "1", "--triplet_selection", selection]
+    if selection.startswith("batch"):
+        extra += ["--identities_per_batch", "4", "--images_per_identity", "3"]
+    assert run_main(triplet_args(tiny_demo_data, tmp_path / selection, *extra)) == 0
+    checkpoint = torch.load(
+        tmp_path / selection / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
+    )
+    assert checkpoint["args"]["triplet_selection"] == selection
+    assert checkpoint["history"]["epochs"] == [1]
+
+
+def test_two_processes_with_gloo(tiny_demo_data, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train_triplet.py",
+        *(str(a) for a in triplet_args(tiny_demo_data, output_dir, "--epochs", "1")),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x2 processes" in result.stdout
+    assert result.stdout.count("Accuracy on LFW") == 1  # validation on rank 0 only
+    checkpoint = torch.load(
+        output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
+    )
+    assert checkpoint["epoch"] == 1
+    # each of the two processes trained on its own 12 of the 24 triplets: 2 steps of 8 + 4 each
+    with (output_dir / "training_log.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert 0 < int(row["num_triplets"]) <= 24
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--dataroot", "/nonexistent/faces"], "--dataroot /nonexistent/faces: no such folder"),
+        (["--lfw", "/nonexistent/lfw"], "--lfw /nonexistent/lfw: no such folder"),
+        (["--lfw_pairs", "/nonexistent/pairs.txt"], "--lfw_pairs /nonexistent/pairs.txt: no such file"),
+        (["--resume_path", "/nonexistent/ckpt.pt"], "--resume_path /nonexistent/ckpt.pt: no such file"),
+    ],
+)
+def test_bad_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change, message):
+    args = triplet_args(tiny_demo_data, tmp_path / "out", "--epochs", "1", *change)
+    assert run_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}"
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--batch_size", "0"),
+        ("--epochs", "-1"),
+        ("--embedding_dim", "0"),
+        ("--margin", "0"),
+        ("--model", "vgg"),
+    ],
+)
+def test_bad_values_exit_before_any_work(tiny_demo_data, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as raised:
+        run_main(triplet_args(tiny_demo_data, tmp_path / "out", flag, value))
+    assert raised.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_another_architecture_or_task_is_refused(tiny_demo_data, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
+    checkpoint = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt"
+    capsys.readouterr()
+    args = triplet_args(tiny_demo_data, output_dir, "--epochs", "2", "--resume_path", checkpoint)
+    args[args.index("resnet18")] = "resnet34"
+    assert run_main(args) == 2
+    assert "model_architecture 'resnet18' but --model is 'resnet34'" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "junk.pt"
+    not_a_checkpoint.write_bytes(b"not a checkpoint")
+    args = triplet_args(tiny_demo_data, output_dir, "--epochs", "2", "--resume_path", not_a_checkpoint)
+    assert run_main(args) == 2
+    assert "not a loadable checkpoint" in capsys.readouterr().err
+
+
+def test_never_writes_into_another_runs_folder(tiny_demo_data, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
+    before = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")}
+    capsys.readouterr()
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as raised:
+        train_triplet.main(["-h"])
+    assert raised.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--dataroot",
+        "--lfw",
+        "--lfw_pairs",
+        "--resume_path",
+        "--pretrained, --no-pretrained",
+        "--triplet_selection",
+        "--num_triplets_train",
+        "--training_triplets_path",
+        "--amp",
+        "--demo",
+    ):
+        assert flag in text, flag

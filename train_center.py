@@ -1,0 +1,163 @@
+"""Train a face-embedding model with cross-entropy plus center loss (Wen et al. 2016), validating on LFW.
+
+    python train_center.py --dataroot VGGFACE2 --lfw LFW --lfw_pairs pairs.txt --model resnet34
+    torchrun --nproc_per_node 4 train_center.py ...
+    python train_center.py --demo
+
+Loss = cross-entropy(logits) + center_loss_weight x center loss. The classifier sees the unit-norm embedding
+times ``--logit_scale`` (see README.md for why). The centers have their own SGD optimizer at
+``--center_loss_lr``; their gradient is divided by the loss weight before that optimizer steps, so the weight
+sets how hard the embeddings are pulled to the centers and not how fast the centers move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import train_common
+from datasets.labelled_faces import LabelledFaceDataset
+from datasets.transforms import train_transform
+from errors import InputError
+from losses import CenterLoss
+from train_common import StepOutput, TrainingTask
+
+DEMO_DEFAULTS = {
+    "model": "resnet18",
+    "image_size": 64,
+    "epochs": 6,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "num_workers": 2,
+    "lfw_batch_size": 128,
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a face-embedding model with cross-entropy + center loss; validate on LFW each epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train_common.add_common_args(parser, default_output_name="center")
+    center = parser.add_argument_group("center loss")
+    center.add_argument(
+        "--center_loss_lr",
+        type=train_common.positive_float,
+        default=0.5,
+        help="learning rate of the centers (SGD)",
+    )
+    center.add_argument(
+        "--center_loss_weight",
+        type=train_common.positive_float,
+        default=0.007,
+        help="weight of the center loss in the total loss",
+    )
+    center.add_argument(
+        "--logit_scale",
+        type=train_common.positive_float,
+        default=16.0,
+        help="the classifier sees the unit-norm embedding times this (1 = the original, which learns slowly)",
+    )
+    return parser
+
+
+class CenterLossModule(nn.Module):
+    """Model, classifier and center loss as one module, so DDP synchronises the centers' gradients too."""
+
+    def __init__(self, model: nn.Module, center_loss: CenterLoss, logit_scale: float):
+        super().__init__()
+        self.model = model
+        self.center_loss = center_loss
+        self.logit_scale = logit_scale
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        embeddings, logits = self.model.forward_training(images, self.logit_scale)
+        return logits, self.center_loss(embeddings, labels)
+
+
+class CenterTask(TrainingTask):
+    name = "center"
+    count_name = "images"
+
+    def __init__(self, args: argparse.Namespace, runtime: train_common.Runtime):
+        super().__init__(args, runtime)
+        csv_path = train_common.ensure_dataset_csv(args, runtime)
+        self.dataset = LabelledFaceDataset(
+            args.dataroot, csv_path, transform=train_transform(args.image_size)
+        )
+        self.num_classes = self.dataset.num_classes
+        self.num_steps = -(-(len(self.dataset) // runtime.world_size) // args.batch_size)
+        self.model = train_common.build_embedding_model(args, runtime, num_classes=self.num_classes)
+        self.center_loss = CenterLoss(self.num_classes, args.embedding_dim).to(runtime.device)
+        self.train_module = CenterLossModule(self.model, self.center_loss, args.logit_scale)
+        self.optimizers = [
+            train_common.build_optimizer(args.optimizer, self.model.parameters(), args.lr),
+            torch.optim.SGD(self.center_loss.parameters(), lr=args.center_loss_lr),
+        ]
+
+    def steps_per_epoch(self) -> int:
+        return self.num_steps
+
+    def batches(self, epoch: int, start_step: int):
+        args, runtime = self.args, self.runtime
+        sampler = train_common.ShardSampler(
+            len(self.dataset),
+            runtime.rank,
+            runtime.world_size,
+            start=start_step * args.batch_size,
+            shuffle=True,
+            seed=train_common.epoch_seed(args.seed, epoch),
+        )
+        return train_common.make_loader(
+            self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size
+        )
+
+    def step(self, module, batch) -> StepOutput:
+        images, labels = batch
+        images = images.to(self.runtime.device, non_blocking=True, memory_format=torch.channels_last)
+        labels = labels.to(self.runtime.device, non_blocking=True)
+        logits, center_loss = module(images, labels)
+        loss = F.cross_entropy(logits.float(), labels) + self.args.center_loss_weight * center_loss
+        count = torch.tensor(float(labels.numel()), device=labels.device)
+        return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
+
+    def before_optimizer_step(self) -> None:
+        # undo the loss weight on the centers' gradient BEFORE their optimizer steps (the original divided
+        # after the step, which changed nothing)
+        for parameter in self.center_loss.parameters():
+            if parameter.grad is not None:
+                parameter.grad.div_(self.args.center_loss_weight)
+
+    def checkpoint_extras(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "optimizer_centerloss_state_dict": self.optimizers[1].state_dict(),
+            "center_loss_state_dict": self.center_loss.state_dict(),
+            "logit_scale": self.args.logit_scale,
+        }
+
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        if checkpoint["num_classes"] != self.num_classes:
+            raise InputError(
+                f"--resume_path: the checkpoint was trained on {checkpoint['num_classes']} identities, "
+                f"the dataset has {self.num_classes}"
+            )
+        self.optimizers[1].load_state_dict(checkpoint["optimizer_centerloss_state_dict"])
+        self.center_loss.load_state_dict(checkpoint["center_loss_state_dict"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        args = train_common.parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
+        return train_common.run_training(args, CenterTask)
+
+    return train_common.run_script(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Train a face-embedding model with triplet loss, validating on LFW after each epoch.
+
+    python train_triplet.py --dataroot VGGFACE2 --lfw LFW --lfw_pairs pairs.txt --model resnet34
+    torchrun --nproc_per_node 4 train_triplet.py ...        # DistributedDataParallel, one process per GPU
+    python train_triplet.py --demo                           # synthetic data, a few CPU minutes
+
+Two ways to get triplets:
+- pre-generated random triplets (the original's way), of which a step trains on those the selection rule
+  keeps: ``hard`` (the original's ``d(a, n) - d(a, p) < margin``) or ``semihard`` (FaceNet's);
+- online mining in batches of P identities x K images: ``batch_hard`` or ``batch_all`` (Hermans et al. 2017).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+import train_common
+from datasets.labelled_faces import LabelledFaceDataset
+from datasets.samplers import PKBatchSampler
+from datasets.transforms import train_transform
+from datasets.triplet_dataset import TripletFaceDataset
+from errors import InputError
+from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
+from train_common import StepOutput, TrainingTask
+
+PREGENERATED_RULES = ("hard", "semihard")
+ONLINE_RULES = ("batch_hard", "batch_all")
+
+# small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
+DEMO_DEFAULTS = {
+    "model": "resnet18",
+    "image_size": 64,
+    "epochs": 4,
+    "num_triplets_train": 3200,
+    "batch_size": 32,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "num_workers": 2,
+    "lfw_batch_size": 128,
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a face-embedding model with triplet loss; validate on LFW after each epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train_common.add_common_args(parser, default_output_name="triplet")
+    triplets = parser.add_argument_group("triplets")
+    triplets.add_argument(
+        "--num_triplets_train",
+        type=train_common.positive_int,
+        default=1_100_000,
+        help="triplets per epoch (online mining: an epoch has as many steps as these triplets would)",
+    )
+    triplets.add_argument(
+        "--training_triplets_path",
+        type=str,
+        default=None,
+        help="a triplets .npy written by an earlier run, used for every epoch instead of new random triplets",
+    )
+    triplets.add_argument(
+        "--margin", type=train_common.positive_float, default=0.2, help="triplet loss margin"
+    )
+    triplets.add_argument(
+        "--triplet_selection",
+        choices=PREGENERATED_RULES + ONLINE_RULES,
+        default="hard",
+        help="hard: the original's d(a,n) - d(a,p) < margin on random triplets; semihard: FaceNet's "
+        "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in P x K batches",
+    )
+    triplets.add_argument(
+        "--num_human_identities_per_batch",
+        type=train_common.positive_int,
+        default=None,
+        help="pre-generated triplets: draw each batch's triplets from this many identities (default: any)",
+    )
+    triplets.add_argument(
+        "--identities_per_batch",
+        type=train_common.positive_int,
+        default=32,
+        help="online mining: P, the identities in a batch",
+    )
+    triplets.add_argument(
+        "--images_per_identity",
+        type=train_common.positive_int,
+        default=4,
+        help="online mining: K, the images of each identity in a batch",
+    )
+    return parser
+
+
+class TripletTask(TrainingTask):
+    name = "triplet"
+    count_name = "triplets"
+
+    def __init__(self, args: argparse.Namespace, runtime: train_common.Runtime):
+        super().__init__(args, runtime)
+        self.online = args.triplet_selection in ONLINE_RULES
+        self.csv_path = csv_path = train_common.ensure_dataset_csv(args, runtime)
+        transform = train_transform(args.image_size)
+        images_per_step = (
+            args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
+        )
+        self.num_steps = math.ceil((args.num_triplets_train // runtime.world_size) / images_per_step)
+        if self.online:
+            self.dataset = LabelledFaceDataset(args.dataroot, csv_path, transform=transform)
+        else:
+            self.dataset = self.triplet_dataset(csv_path, transform, epoch=0)
+            if len(self.dataset) < runtime.world_size:
+                raise InputError(
+                    f"{len(self.dataset)} triplets are fewer than the {runtime.world_size} processes"
+                )
+            self.num_steps = math.ceil((len(self.dataset) // runtime.world_size) / args.batch_size)
+        self.model = train_common.build_embedding_model(args, runtime)
+        self.train_module = self.model
+        self.optimizers = [train_common.build_optimizer(args.optimizer, self.model.parameters(), args.lr)]
+        self.loss_fn = TripletLoss(margin=args.margin)
+
+    def triplet_dataset(self, csv_path: str, transform, epoch: int) -> TripletFaceDataset:
+        args = self.args
+        return TripletFaceDataset(
+            root_dir=args.dataroot,
+            csv_name=csv_path,
+            num_triplets=args.num_triplets_train,
+            training_triplets_path=args.training_triplets_path,
+            transform=transform,
+            output_dir=args.output_dir if self.runtime.is_main else None,
+            seed=args.seed,
+            num_human_identities_per_batch=args.num_human_identities_per_batch,
+            batch_size=args.batch_size,
+            epoch=epoch,
+        )
+
+    def steps_per_epoch(self) -> int:
+        return self.num_steps
+
+    def batches(self, epoch: int, start_step: int):
+        args, runtime = self.args, self.runtime
+        if self.online:
+            sampler = PKBatchSampler(
+                self.dataset.labels,
+                identities_per_batch=args.identities_per_batch,
+                images_per_identity=args.images_per_identity,
+                num_batches=self.num_steps,
+                seed=args.seed,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+            )
+            sampler.set_epoch(epoch)
+            return train_common.make_loader(
+                self.dataset,
+                args,
+                runtime,
+                epoch,
+                batch_sampler=train_common.SkipBatches(sampler, start_step),
+            )
+        if args.training_triplets_path is None and epoch > 0:
+            # new random triplets every epoch, reproducible from (seed, epoch)
+            self.dataset = self.triplet_dataset(self.csv_path, self.dataset.transform, epoch)
+        sampler = train_common.ShardSampler(
+            len(self.dataset), runtime.rank, runtime.world_size, start=start_step * args.batch_size
+        )
+        return train_common.make_loader(
+            self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size
+        )
+
+    def step(self, module, batch) -> StepOutput:
+        device = self.runtime.device
+        if self.online:
+            images, labels = batch
+            embeddings = module(images.to(device, non_blocking=True, memory_format=torch.channels_last))
+            labels = labels.to(device, non_blocking=True)
+            if self.args.triplet_selection == "batch_hard":
+                anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
+            else:
+                anchors, positives, negatives = batch_all_triplets(embeddings, labels, self.args.margin)
+            loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
+            count = torch.tensor(float(anchors.numel()), device=device)
+        else:
+            # one forward pass over anchors, positives and negatives together
+            images = torch.cat(batch).to(device, non_blocking=True, memory_format=torch.channels_last)
+            anchor, positive, negative = module(images).chunk(3)
+            mask = triplet_selection_mask(
+                anchor, positive, negative, self.args.margin, self.args.triplet_selection
+            )
+            loss = self.loss_fn(anchor, positive, negative, mask=mask)
+            count = mask.sum().double()
+        return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
+
+    def checkpoint_extras(self) -> dict:
+        return {"triplets_path": getattr(self.dataset, "triplets_path", None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv):
+        args = train_common.parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
+        if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
+            raise InputError(
+                "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
+            )
+        return train_common.run_training(args, TripletTask)
+
+    return train_common.run_script(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
