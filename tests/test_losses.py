@@ -23,7 +23,9 @@ def euclid(x, y, squared=False):
 
 def random_triplets(n=50, dim=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [F.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1) for _ in range(3)]
+    return [
+        F.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1) for _ in range(3)
+    ]
 
 
 @pytest.mark.parametrize("squared", [False, True])
@@ -149,10 +151,16 @@ def test_center_loss_matches_brute_force_and_follows_dtype():
     loss_fn = CenterLoss(num_classes=5, feat_dim=4).double()
     features = torch.randn(9, 4, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 2])
-    expected = sum(
-        sum((float(f) - float(c)) ** 2 for f, c in zip(features[i], loss_fn.centers.detach()[labels[i]], strict=True))
-        for i in range(9)
-    ) / 9
+    expected = (
+        sum(
+            sum(
+                (float(f) - float(c)) ** 2
+                for f, c in zip(features[i], loss_fn.centers.detach()[labels[i]], strict=True)
+            )
+            for i in range(9)
+        )
+        / 9
+    )
     loss = loss_fn(features, labels)
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(expected, rel=1e-12)
@@ -167,7 +175,9 @@ def test_center_loss_gradient_step_moves_centers_by_the_formula():
     before = loss_fn.centers.detach().clone()
     optimizer = torch.optim.SGD(loss_fn.parameters(), lr=lr)
     (weight * loss_fn(features, labels)).backward()
-    for parameter in loss_fn.parameters():  # undo the loss weight before the step, as the training script does
+    for (
+        parameter
+    ) in loss_fn.parameters():  # undo the loss weight before the step, as the training script does
         parameter.grad /= weight
     optimizer.step()
     batch = len(labels)

@@ -10,7 +10,7 @@ import torch
 
 import train_center
 from losses import CenterLoss
-from tests.training_data import REPO, common_args, tiny_demo_data  # noqa: F401  (fixture)
+from tests.training_data import REPO, common_args
 
 
 def run_main(args) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_triplet
-from tests.training_data import REPO, common_args, tiny_demo_data  # noqa: F401  (fixture)
+from tests.training_data import REPO, common_args
 
 
 def run_main(args) -> int:

@@ -1,0 +1,1 @@
+"""Face datasets: CSV indexing of image folders, triplet / labelled / LFW datasets, samplers and transforms."""
