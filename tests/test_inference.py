@@ -1,0 +1,429 @@
+"""inference.py: the three checkpoint layouts, safe loading, and embeddings against reference models.
+
+Checkpoints are written the way their authors wrote them (a plain dict through plain ``torch.save``, the
+threshold as a numpy float64, pickled under numpy 1.x names for the original's files), and every loaded
+model is checked against a reference implementation of its layout written here from torchvision directly.
+"""
+
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+import inference
+from errors import InputError
+from inference import (
+    LAYOUT_ORIGINAL_2019,
+    LAYOUT_ORIGINAL_2020,
+    LAYOUT_THIS_REPOSITORY,
+    SAFE_NUMPY_GLOBALS,
+    FaceEmbedder,
+    distance,
+    embed_images,
+    load_checkpoint,
+)
+
+EMBEDDING_DIM = 16
+
+
+# ------------------------------------------------------------------------------------------ reference models
+
+
+def randomize_batch_norm(model: nn.Module, seed: int) -> nn.Module:
+    """Random running statistics, so an eval-mode model that failed to load them would differ."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
+    return model
+
+
+def reference_resnet(depth: int, head: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
+    """torchvision ResNet with the original's head: "sequential" (2020 on) or "linear" (2019)."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    if head == "sequential":
+        net.fc = nn.Sequential(
+            nn.Linear(net.fc.in_features, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, EMBEDDING_DIM)
+        )
+    else:
+        net.fc = nn.Linear(net.fc.in_features, EMBEDDING_DIM)
+    if num_classes is not None:
+        net.classifier = nn.Linear(EMBEDDING_DIM, num_classes)
+    return randomize_batch_norm(net, seed).eval()
+
+
+def reference_embedding(net: nn.Module, images: torch.Tensor, head: str) -> torch.Tensor:
+    with torch.no_grad():
+        raw = net(images)
+    if head == "linear":
+        # the 2019 model's own l2_norm, then alpha = 10
+        return 10.0 * raw / torch.sqrt(torch.sum(raw**2, dim=1, keepdim=True) + 1e-10)
+    return raw / raw.norm(dim=1, keepdim=True)
+
+
+def state_dict_of(net: nn.Module) -> dict:
+    """The original's key layout: the torchvision network sat at ``self.model``."""
+    return {f"model.{key}": value for key, value in net.state_dict().items()}
+
+
+def preprocess_reference(image: Image.Image, mean, std) -> torch.Tensor:
+    """ToTensor + Normalize by hand, for images already at the model's input size (no resize involved)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    array = (array - np.asarray(mean)) / np.asarray(std)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy()).float()
+
+
+def random_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------------------- checkpoint writers
+
+
+NUMPY2_SCALAR, NUMPY1_SCALAR = b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"
+
+
+def save_like_numpy1(obj, path, legacy_format: bool = False) -> None:
+    """torch.save, then rename numpy 2's scalar reconstructor to numpy 1.x's path, as in the original's files.
+
+    Protocol-2 pickles name globals as text lines and end at their STOP opcode, so the rename is a plain
+    byte replacement. `legacy_format` writes torch's pre-1.6 (non-zip) format, as the 2019 model was saved.
+    """
+    if legacy_format:
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+        data = path.read_bytes()
+        assert data.count(NUMPY2_SCALAR) == 1
+        path.write_bytes(data.replace(NUMPY2_SCALAR, NUMPY1_SCALAR))
+        return
+    torch.save(obj, path)
+    with zipfile.ZipFile(path) as source:
+        members = [(info, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info, data in members:
+            if info.filename.endswith("data.pkl"):
+                assert NUMPY2_SCALAR in data
+                data = data.replace(NUMPY2_SCALAR, NUMPY1_SCALAR)
+            target.writestr(info, data)
+
+
+def original_2020_checkpoint(net: nn.Module, architecture: str = "resnet18", num_classes=None) -> dict:
+    checkpoint = {
+        "epoch": 7,
+        "embedding_dimension": EMBEDDING_DIM,
+        "batch_size_training": 320,
+        "model_state_dict": state_dict_of(net),
+        "model_architecture": architecture,
+        "optimizer_model_state_dict": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "best_distance_threshold": np.float64(1.13),
+    }
+    if num_classes is not None:
+        checkpoint["num_classes"] = num_classes
+    return checkpoint
+
+
+def original_2019_checkpoint(net: nn.Module, architecture: str | None) -> dict:
+    checkpoint = {
+        "epoch": 28,
+        "embedding_dimension": EMBEDDING_DIM,
+        "model_state_dict": state_dict_of(net),
+        "best_distance_threshold": np.float64(11.9),
+    }
+    if architecture is not None:
+        checkpoint["model_architecture"] = architecture
+    return checkpoint
+
+
+THIS_REPO_MEAN = (0.6, 0.45, 0.4)
+THIS_REPO_STD = (0.25, 0.2, 0.22)
+
+
+def this_repository_checkpoint(net: nn.Module, image_size: int, num_classes=None) -> dict:
+    checkpoint = original_2020_checkpoint(net, "resnet18", num_classes)
+    checkpoint.update(
+        best_distance_threshold=0.97,
+        image_size=image_size,
+        normalization={"mean": list(THIS_REPO_MEAN), "std": list(THIS_REPO_STD)},
+        args={"model": "resnet18", "lr": 0.1},
+        format_version=1,
+        task="center" if num_classes else "triplet",
+    )
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------ the three layouts
+
+
+@pytest.mark.parametrize("numpy1_names", [True, False])
+def test_original_2020_checkpoint_loads_and_embeds_like_reference(tmp_path, numpy1_names):
+    net = reference_resnet(18, "sequential", seed=1)
+    path = tmp_path / "model_resnet18_triplet_epoch_7.pt"
+    (save_like_numpy1 if numpy1_names else torch.save)(original_2020_checkpoint(net), path)
+
+    loaded = load_checkpoint(path)
+    assert loaded.layout == LAYOUT_ORIGINAL_2020
+    assert (loaded.architecture, loaded.embedding_dim, loaded.epoch) == ("resnet18", EMBEDDING_DIM, 7)
+    assert type(loaded.best_distance_threshold) is float and loaded.best_distance_threshold == 1.13
+    assert (loaded.image_size, loaded.mean, loaded.std) == (224, (0.5,) * 3, (0.5,) * 3)
+    assert loaded.distance_scale == 1.0 and not loaded.model.training
+
+    images = random_images(3, 224, seed=2)
+    expected = reference_embedding(
+        net, torch.stack([preprocess_reference(i, [0.5] * 3, [0.5] * 3) for i in images]), "sequential"
+    )
+    torch.testing.assert_close(FaceEmbedder(loaded).embed(images), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "depth, named, num_classes",
+    [(34, False, None), (18, True, None), (18, True, 7)],  # the published model, and a center-loss one
+)
+def test_original_2019_checkpoint_keeps_its_x10_scale(tmp_path, depth, named, num_classes):
+    net = reference_resnet(depth, "linear", num_classes=num_classes, seed=3)
+    path = tmp_path / "model_resnet34_triplet.pt"
+    checkpoint = original_2019_checkpoint(net, f"resnet{depth}" if named else None)
+    save_like_numpy1(checkpoint, path, legacy_format=depth == 34)
+
+    loaded = load_checkpoint(path, image_size=64)  # the depth comes from the keys when the name is absent
+    assert loaded.layout == LAYOUT_ORIGINAL_2019
+    assert isinstance(loaded.model, inference.LegacyResnetTriplet)
+    assert (loaded.architecture, loaded.embedding_dim, loaded.image_size) == (
+        f"resnet{depth}",
+        EMBEDDING_DIM,
+        64,
+    )
+    assert loaded.best_distance_threshold == 11.9 and loaded.distance_scale == 10.0
+
+    images = random_images(3, 64, seed=4)
+    batch = torch.stack([preprocess_reference(i, [0.5] * 3, [0.5] * 3) for i in images])
+    expected = reference_embedding(net, batch, "linear")
+    embeddings = FaceEmbedder(loaded).embed(images)
+    torch.testing.assert_close(embeddings, expected, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.full((3,), 10.0))
+    # distances on the stored threshold's scale: ten times the unit-sphere distance
+    unit = F.normalize(expected, dim=1)
+    assert distance(embeddings[0], embeddings[1]) == pytest.approx(
+        10 * float((unit[0] - unit[1]).norm()), rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("num_classes", [None, 5])
+def test_this_repository_checkpoint_uses_its_stored_preprocessing(tmp_path, num_classes):
+    net = reference_resnet(18, "sequential", num_classes=num_classes, seed=5)
+    path = tmp_path / "model_resnet18.pt"
+    torch.save(this_repository_checkpoint(net, image_size=40, num_classes=num_classes), path)
+
+    loaded = load_checkpoint(path)
+    assert loaded.layout == LAYOUT_THIS_REPOSITORY
+    assert (loaded.image_size, loaded.mean, loaded.std) == (40, THIS_REPO_MEAN, THIS_REPO_STD)
+    assert loaded.num_classes == num_classes and loaded.best_distance_threshold == 0.97
+    if num_classes:
+        torch.testing.assert_close(loaded.model.model.classifier.weight, net.classifier.weight)
+
+    images = random_images(4, 40, seed=6)
+    expected = reference_embedding(
+        net,
+        torch.stack([preprocess_reference(i, THIS_REPO_MEAN, THIS_REPO_STD) for i in images]),
+        "sequential",
+    )
+    files = []
+    for index, image in enumerate(images):
+        files.append(tmp_path / f"face_{index}.png")  # lossless, so file and in-memory image agree exactly
+        image.save(files[-1])
+    embedder = FaceEmbedder(loaded, batch_size=3)  # two batches
+    torch.testing.assert_close(embedder.embed(images), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(embedder.embed(files), expected, atol=2e-5, rtol=1e-4)
+    assert FaceEmbedder(path).embed(files[0]).shape == (1, EMBEDDING_DIM)
+
+
+def test_image_size_override_and_resize(tmp_path):
+    net = reference_resnet(18, "sequential", seed=7)
+    path = tmp_path / "ckpt.pt"
+    torch.save(original_2020_checkpoint(net), path)
+    embedder = FaceEmbedder(path, image_size=32)
+    seen_shapes = []
+    embedder.loaded.model.register_forward_hook(
+        lambda module, args, output: seen_shapes.append(args[0].shape)
+    )
+    big = random_images(1, 96, seed=8)[0]
+    # torchvision resizes PIL images with PIL's own bilinear filter
+    small = big.resize((32, 32), Image.BILINEAR)
+    torch.testing.assert_close(embedder.embed([big]), embedder.embed([small]), atol=1e-5, rtol=1e-4)
+    assert seen_shapes == [(1, 3, 32, 32)] * 2
+
+
+# ------------------------------------------------------------------------------------------ flip and distance
+
+
+@pytest.mark.parametrize("head", ["sequential", "linear"])
+def test_flip_embedding_is_the_normalised_sum_of_both_views(head):
+    model = inference.LegacyResnetTriplet(18, EMBEDDING_DIM) if head == "linear" else None
+    if model is None:
+        from models import build_model
+
+        model = build_model("resnet18", EMBEDDING_DIM)
+    model = randomize_batch_norm(model, 9).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        flipped = embed_images(model, images, flip=True)
+        mirrored_input = embed_images(model, images.flip(-1), flip=True)
+        expected = F.normalize(model(images) + model(images.flip(-1)), dim=1) * (
+            10.0 if head == "linear" else 1.0
+        )
+    torch.testing.assert_close(flipped, expected, atol=1e-5, rtol=1e-4)
+    # a photo and its mirror image get the same flip embedding
+    torch.testing.assert_close(flipped, mirrored_input, atol=1e-5, rtol=1e-4)
+
+
+def test_distance_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+    np.testing.assert_allclose(distance(torch.tensor(a), b), np.linalg.norm(a - b, axis=1))
+    single = distance(torch.tensor(a[0]), torch.tensor(b[0]))
+    assert isinstance(single, float) and single == pytest.approx(np.linalg.norm(a[0] - b[0]))
+    with pytest.raises(InputError, match="shapes"):
+        distance(a, b[:, :4])
+
+
+# ------------------------------------------------------------------------------------------ safe loading
+
+
+def load_with(globals_allowed, path):
+    with torch.serialization.safe_globals(globals_allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("numpy1_names", [True, False])
+def test_safe_numpy_globals_are_needed_and_enough(tmp_path, numpy1_names):
+    path = tmp_path / "threshold.pt"
+    (save_like_numpy1 if numpy1_names else torch.save)({"best_distance_threshold": np.float64(0.5)}, path)
+    assert load_with(SAFE_NUMPY_GLOBALS, path)["best_distance_threshold"] == 0.5
+    # minimal: without any one entry the load fails (entries 0 and 1 are the reconstructor under its numpy 2
+    # and numpy 1.x names, so each file needs only the one for the numpy that wrote it)
+    scalar_entry = 1 if numpy1_names else 0
+    for removed in range(len(SAFE_NUMPY_GLOBALS)):
+        if removed in (0, 1) and removed != scalar_entry:
+            continue
+        reduced = SAFE_NUMPY_GLOBALS[:removed] + SAFE_NUMPY_GLOBALS[removed + 1 :]
+        with pytest.raises(pickle.UnpicklingError):
+            load_with(reduced, path)
+    assert len(SAFE_NUMPY_GLOBALS) == 4
+
+
+class WritesAFileWhenUnpickled:
+    """A pickle that runs code on load: what weights_only loading exists to stop."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (np.arange(3), "_reconstruct"),  # a numpy array is not on the list
+        (np.int64(3), "Int64DType"),  # nor another numpy scalar type
+    ],
+)
+def test_other_numpy_types_are_refused(tmp_path, payload, refused):
+    net = reference_resnet(18, "sequential")
+    checkpoint = original_2020_checkpoint(net)
+    checkpoint["extra"] = payload
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(InputError, match=refused):
+        load_checkpoint(path)
+
+
+def test_code_in_a_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": WritesAFileWhenUnpickled(marker)}, path)
+    with pytest.raises(InputError, match="safe .weights-only. loading"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_files_are_one_line_input_errors(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    a_list = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], a_list)
+    no_model = tmp_path / "no_model.pt"
+    torch.save({"epoch": 3}, no_model)
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"model_state_dict": {"encoder.weight": torch.zeros(2)}}, unknown)
+    inception = tmp_path / "inception.pt"
+    torch.save({"model_state_dict": {"model.last_linear.weight": torch.zeros(2, 3)}}, inception)
+    cases = [
+        (tmp_path / "missing.pt", "not found"),
+        (tmp_path, "not found"),
+        (text, "could not read checkpoint"),
+        (empty, "empty or truncated"),
+        (a_list, "holds a list, not a dict"),
+        (no_model, "no 'model_state_dict'"),
+        (unknown, "unknown checkpoint layout"),
+        (inception, "Inception-ResNet-v2 checkpoints are not supported"),
+    ]
+    for path, message in cases:
+        with pytest.raises(InputError, match=message) as caught:
+            load_checkpoint(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
+    net = reference_resnet(18, "sequential")
+    cases = {
+        "wrong_depth": dict(original_2020_checkpoint(net, "resnet34")),
+        "unsupported": dict(original_2020_checkpoint(net, "mobilenet2")),
+        "newer_format": {**this_repository_checkpoint(net, 32), "format_version": 2},
+        "no_image_size": {k: v for k, v in this_repository_checkpoint(net, 32).items() if k != "image_size"},
+    }
+    messages = {
+        "wrong_depth": "do not fit a resnet34",
+        "unsupported": "'mobilenet2' is not supported",
+        "newer_format": "format_version 2",
+        "no_image_size": "image_size/normalization missing",
+    }
+    for name, checkpoint in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(checkpoint, path)
+        with pytest.raises(InputError, match=messages[name]):
+            load_checkpoint(path)
+
+
+def test_unreadable_image_is_an_input_error(tmp_path):
+    net = reference_resnet(18, "sequential")
+    path = tmp_path / "ckpt.pt"
+    torch.save(original_2020_checkpoint(net), path)
+    embedder = FaceEmbedder(path, image_size=32)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="could not read image"):
+        embedder.embed([broken])
+    with pytest.raises(InputError, match="image not found"):
+        embedder.embed([tmp_path / "absent.jpg"])
+
+
+def test_resnet_depth_from_keys_matches_torchvision():
+    for depth in (18, 34, 50, 101, 152):
+        with torch.device("meta"):  # shapes only: no time spent initialising 60M weights
+            net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        state = {f"model.{key}": value for key, value in net.state_dict().items()}
+        assert inference.resnet_depth_from_keys(state) == depth
+    assert inference.resnet_depth_from_keys({"model.fc.weight": torch.zeros(1)}) is None

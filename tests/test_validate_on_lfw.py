@@ -1,0 +1,313 @@
+"""validate_on_LFW.py: embedding bookkeeping, distances, and the command on the shared LFW crops."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import eval_metrics
+import validate_on_LFW
+from inference import FaceEmbedder, distance, embed_images
+from models import build_model
+from validate_on_LFW import embed_dataset, evaluate_model_on_lfw, main, pair_distances
+
+REPO = Path(__file__).resolve().parent.parent
+LFW_DIR = REPO.parent / "shared" / "data" / "lfw_112"
+LFW_PAIRS = REPO.parent / "shared" / "data" / "lfw_pairs.txt"
+NUM_LFW_IMAGES = 7701  # distinct images used by the 6,000 standard pairs
+
+
+class TinyEmbedder(nn.Module):
+    """A cheap embedding model (pool, linear, normalise) that records what it sees."""
+
+    def __init__(self, embedding_dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.linear = nn.Linear(3 * 4 * 4, embedding_dim)
+        self.rows_seen = 0
+        self.modes_seen = set()
+
+    def forward(self, images):
+        self.rows_seen += images.shape[0]
+        self.modes_seen.add(self.training)
+        return F.normalize(self.linear(self.pool(images).flatten(1)), dim=1)
+
+
+class IndexedTensors(Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], index
+
+
+def test_embed_dataset_puts_row_i_at_item_i_whatever_the_order():
+    images = torch.randn(11, 3, 12, 12)
+    model = TinyEmbedder().train()
+    loader = DataLoader(IndexedTensors(images), batch_size=3, shuffle=True)  # any order must land right
+    embeddings = embed_dataset(model, loader, torch.device("cpu"), progress=False)
+    assert embeddings.dtype == torch.float32 and embeddings.shape == (11, 8)
+    with torch.no_grad():
+        expected = torch.cat([model.eval()(image[None]) for image in images])
+    torch.testing.assert_close(embeddings, expected)
+    assert model.rows_seen == 11 + 11
+
+
+def test_embed_dataset_restores_mode_and_supports_flip():
+    images = torch.randn(5, 3, 12, 12)
+    model = TinyEmbedder().train()
+    loader = DataLoader(IndexedTensors(images), batch_size=2)
+    embeddings = embed_dataset(model, loader, torch.device("cpu"), flip=True, progress=False)
+    assert model.training and model.modes_seen == {False}  # evaluated in eval mode, handed back training
+    with torch.no_grad():
+        expected = F.normalize(model.eval()(images) + model(images.flip(-1)), dim=1)
+    torch.testing.assert_close(embeddings, expected)
+
+
+def test_pair_distances_match_a_loop():
+    rng = np.random.default_rng(0)
+    embeddings = torch.from_numpy(rng.normal(size=(9, 5)).astype(np.float32))
+    pairs = rng.integers(0, 9, size=(20, 2))
+    distances = pair_distances(embeddings, pairs)
+    assert distances.dtype == np.float64
+    expected = [
+        float(np.sqrt(np.sum((embeddings[a].double() - embeddings[b].double()).numpy() ** 2)))
+        for a, b in pairs
+    ]
+    np.testing.assert_allclose(distances, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="pairs"):
+        pair_distances(embeddings, pairs[:, :1])
+
+
+class FakePairs(IndexedTensors):
+    """An LFWDataset stand-in: images plus `pairs` and `issame`, ten folds of eight pairs."""
+
+    def __init__(self, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        super().__init__(torch.randn(30, 3, 12, 12, generator=generator))
+        rng = np.random.default_rng(seed)
+        self.pairs = rng.integers(0, 30, size=(80, 2))
+        self.issame = np.tile([True] * 4 + [False] * 4, 10)
+        self.num_folds = 10
+
+
+def test_evaluate_model_on_lfw_equals_brute_force():
+    dataset = FakePairs()
+    model = TinyEmbedder().train()
+    metrics, distances = evaluate_model_on_lfw(model, dataset, "cpu", batch_size=7, progress=False)
+    assert model.training
+    with torch.no_grad():
+        model.eval()
+        expected = np.array(
+            [
+                float(torch.dist(model(dataset.images[a][None]), model(dataset.images[b][None])))
+                for a, b in dataset.pairs
+            ]
+        )
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=1e-6)
+    reference = eval_metrics.evaluate_lfw(expected, dataset.issame)
+    np.testing.assert_allclose(metrics.accuracy, reference.accuracy)
+    assert metrics.roc_auc == pytest.approx(reference.roc_auc)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def save_untrained_checkpoint(path: Path, image_size: int, seed: int = 0) -> Path:
+    """A this-repository checkpoint of an untrained ResNet-18, as train_triplet.py writes one."""
+    torch.manual_seed(seed)
+    model = build_model("resnet18", embedding_dim=32)
+    torch.save(
+        {
+            "epoch": 0,
+            "embedding_dimension": 32,
+            "batch_size_training": 16,
+            "model_state_dict": model.state_dict(),
+            "model_architecture": "resnet18",
+            "optimizer_model_state_dict": {},
+            "best_distance_threshold": 0.9,
+            "image_size": image_size,
+            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            "args": {"model": "resnet18"},
+            "format_version": 1,
+        },
+        path,
+    )
+    return path
+
+
+def write_subset_pairs(path: Path, per_kind: int) -> Path:
+    """The first `per_kind` same and different pairs of every official fold, with a matching header."""
+    lines = LFW_PAIRS.read_text().splitlines()
+    num_folds, official = (int(v) for v in lines[0].split())
+    body = lines[1:]
+    kept = []
+    for fold in range(num_folds):
+        block = body[fold * 2 * official : (fold + 1) * 2 * official]
+        kept += block[:per_kind] + block[official : official + per_kind]
+    path.write_text(f"{num_folds}\t{per_kind}\n" + "\n".join(kept) + "\n")
+    return path
+
+
+def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsys):
+    checkpoint = save_untrained_checkpoint(tmp_path / "model_epoch_0.pt", image_size=16)
+    tiny = TinyEmbedder()
+    real_loader = validate_on_LFW.load_checkpoint
+
+    def load_tiny(path, device="cpu", image_size=None):
+        loaded = real_loader(path, device, image_size=image_size)
+        loaded.model = tiny  # everything real but the (expensive) network: counting is what matters here
+        return loaded
+
+    monkeypatch.setattr(validate_on_LFW, "load_checkpoint", load_tiny)
+    status = main(
+        ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
+        + ["--batch_size", "256", "--num_workers", "1", "--no_progress"]
+    )
+    assert status == 0
+    assert tiny.rows_seen == NUM_LFW_IMAGES  # 7,701 forward rows for 6,000 pairs, not 12,000
+
+    out = capsys.readouterr().out
+    assert f"6000 pairs, {NUM_LFW_IMAGES} images" in out
+    for start in (
+        "Accuracy on LFW: ",
+        "Precision ",
+        "Recall ",
+        "ROC Area Under Curve: ",
+        "Best distance threshold: ",
+    ):
+        assert any(line.startswith(start) for line in out.splitlines()), start
+    for far in ("0.1", "0.01", "0.001"):
+        assert any(line.startswith("TAR: ") and line.endswith(f"@ FAR: {far}") for line in out.splitlines())
+
+    output_dir = tmp_path / "model_epoch_0_lfw"  # the default: next to the checkpoint
+    report = json.loads((output_dir / "lfw_metrics.json").read_text())
+    assert report["evaluation"]["num_pairs"] == 6000 and report["evaluation"]["num_images"] == NUM_LFW_IMAGES
+    assert report["checkpoint"]["path"] == str(checkpoint.resolve())
+    assert report["checkpoint"]["layout"] == "this repository"
+    assert 0.0 <= report["metrics"]["accuracy_mean"] <= 1.0 and len(report["per_fold"]["accuracy"]) == 10
+    assert (output_dir / "lfw_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_resnet18_matches_a_pair_by_pair_oracle(tmp_path, capsys):
+    """An untrained ResNet-18 on 120 official pairs: the numbers equal those of embedding each pair alone."""
+    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
+    pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=6)
+    output_dir = tmp_path / "results"
+    status = main(
+        ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(pairs_path)]
+        + ["--num_workers", "0", "--output_dir", str(output_dir), "--no_progress"]
+    )
+    assert status == 0
+    report = json.loads((output_dir / "lfw_metrics.json").read_text())
+
+    # the oracle: read the pairs file itself and embed both images of every pair (no dataset class, no
+    # de-duplication), batched only for speed
+    first, second, labels = [], [], []
+    for line in pairs_path.read_text().splitlines()[1:]:
+        fields = line.split()
+        name1, i, name2, j = fields if len(fields) == 4 else (fields[0], fields[1], fields[0], fields[2])
+        first.append(LFW_DIR / name1 / f"{name1}_{int(i):04d}.jpg")
+        second.append(LFW_DIR / name2 / f"{name2}_{int(j):04d}.jpg")
+        labels.append(name1 == name2)
+    embedder = FaceEmbedder(checkpoint, batch_size=len(first))
+    distances = distance(embedder.embed(first), embedder.embed(second))
+    oracle = eval_metrics.metrics_summary(eval_metrics.evaluate_lfw(distances, np.array(labels)))
+    assert report["metrics"].keys() == oracle.keys()
+    for key, value in oracle.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+    # an untrained network is only somewhat better than chance (random conv features see pixel similarity):
+    # on the full 6,000 pairs at 32 px this checkpoint's kind measured 0.61; a 120-pair subset varies more
+    accuracy = report["metrics"]["accuracy_mean"]
+    assert 0.4 <= accuracy <= 0.75
+    assert f"Accuracy on LFW: {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_results_of_another_checkpoint_are_never_overwritten(tmp_path):
+    json_path, plot_path = validate_on_LFW.output_paths(tmp_path, flip=False)
+    assert validate_on_LFW.output_paths(tmp_path, flip=True)[0].name == "lfw_metrics_flip.json"
+    mine, other = tmp_path / "mine.pt", tmp_path / "other.pt"
+    validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # nothing there yet
+    validate_on_LFW.write_json_atomic({"checkpoint": {"path": str(mine.resolve())}}, json_path)
+    validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # its own previous results: fine
+    with pytest.raises(validate_on_LFW.InputError, match="another checkpoint"):
+        validate_on_LFW.check_overwrite(json_path, plot_path, other)
+    json_path.write_text("not json")
+    with pytest.raises(validate_on_LFW.InputError, match="another checkpoint"):
+        validate_on_LFW.check_overwrite(json_path, plot_path, mine)
+    json_path.unlink()
+    plot_path.write_bytes(b"someone's plot")
+    with pytest.raises(validate_on_LFW.InputError, match="not written for this checkpoint"):
+        validate_on_LFW.check_overwrite(json_path, plot_path, mine)
+    assert plot_path.read_bytes() == b"someone's plot"
+
+
+def test_command_refuses_to_overwrite_and_keeps_the_file(tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    previous = '{"checkpoint": {"path": "/elsewhere/model.pt"}}'
+    (output_dir / "lfw_metrics.json").write_text(previous)
+    checkpoint = save_untrained_checkpoint(tmp_path / "model.pt", image_size=16)
+    status = main(
+        ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
+        + ["--output_dir", str(output_dir)]
+    )
+    assert status == 2
+    assert (output_dir / "lfw_metrics.json").read_text() == previous
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    checkpoint = save_untrained_checkpoint(tmp_path / "model.pt", image_size=16)
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    broken_pairs = tmp_path / "pairs.txt"
+    broken_pairs.write_text("10\t300\nAaron_Peirsol 1\n")
+    base = ["--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS), "--output_dir", str(tmp_path / "o")]
+    cases = {
+        "checkpoint not found": ["--model_path", str(tmp_path / "missing.pt")] + base,
+        "could not read checkpoint": ["--model_path", str(not_a_checkpoint)] + base,
+        "--lfw: folder not found": ["--model_path", str(checkpoint), "--lfw", str(tmp_path / "nope")]
+        + base[2:],
+        "--lfw_pairs: file not found": ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR)]
+        + ["--lfw_pairs", str(tmp_path / "nope.txt")],
+        "expected 'Name i j'": ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR)]
+        + ["--lfw_pairs", str(broken_pairs), "--output_dir", str(tmp_path / "o")],
+    }
+    for message, argv in cases.items():
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_one_line_unwraps_data_loader_worker_errors():
+    from errors import InputError
+
+    wrapped = InputError(
+        "Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nerrors.InputError: LFW image unreadable: a.jpg (OSError: truncated)\n'
+    )
+    assert validate_on_LFW.one_line(wrapped) == "LFW image unreadable: a.jpg (OSError: truncated)"
+    assert validate_on_LFW.one_line(InputError("plain message")) == "plain message"
+
+
+def test_flip_through_embed_images_matches_validation_path():
+    # the command and the FaceEmbedder share one flip implementation
+    model = TinyEmbedder().eval()
+    images = torch.randn(4, 3, 12, 12)
+    loader = DataLoader(IndexedTensors(images), batch_size=4)
+    with torch.no_grad():
+        direct = embed_images(model, images, flip=True)
+    torch.testing.assert_close(
+        embed_dataset(model, loader, torch.device("cpu"), flip=True, progress=False), direct
+    )

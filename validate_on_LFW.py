@@ -1,0 +1,300 @@
+"""Evaluate a face-embedding checkpoint on the LFW verification pairs.
+
+Each unique LFW image is embedded once (7,701 forward passes for the standard 6,000 pairs, not 12,000),
+pair distances are computed from the stored embeddings, and `eval_metrics.evaluate_lfw` runs the ten-fold
+protocol. The training scripts import `evaluate_model_on_lfw` (and `embed_dataset` / `pair_distances`);
+as a command it evaluates a checkpoint of any layout `inference.load_checkpoint` reads:
+
+    python validate_on_LFW.py --model_path model_resnet34_triplet.pt \\
+        --lfw ../shared/data/lfw_112 --lfw_pairs ../shared/data/lfw_pairs.txt
+
+It prints the metrics table and writes ``lfw_metrics.json`` and ``lfw_roc.png`` into ``--output_dir``
+(default: ``<checkpoint stem>_lfw/`` next to the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import eval_metrics
+from errors import InputError
+from inference import LoadedModel, embed_images, load_checkpoint
+from train_common import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
+
+
+def embed_dataset(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    flip: bool = False,
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, D) float32 CPU embeddings of every item of ``loader.dataset``; row i belongs to item i.
+
+    The loader yields ``(images, indices)``, so any sampler order (or a distributed split) lands in the
+    right rows. The model runs in eval mode and gets its previous mode back afterwards.
+    """
+    device = torch.device(device)
+    num_items = len(loader.dataset)
+    embeddings: torch.Tensor | None = None
+    filled = torch.zeros(num_items, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        ):
+            for images, indices in tqdm(loader, desc="embedding LFW", unit="batch", disable=not progress):
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                batch_embeddings = embed_images(model, images, flip).cpu()
+                if embeddings is None:
+                    embeddings = torch.empty(num_items, batch_embeddings.shape[1], dtype=torch.float32)
+                embeddings[indices] = batch_embeddings
+                filled[indices] = True
+    finally:
+        model.train(was_training)
+    if embeddings is None or not bool(filled.all()):
+        missing = num_items - int(filled.sum())
+        raise RuntimeError(f"the loader yielded no embeddings for {missing} of {num_items} dataset items")
+    return embeddings
+
+
+def pair_distances(embeddings, pairs) -> np.ndarray:
+    """float64 Euclidean distance of each pair; `pairs` is (num_pairs, 2) row indices into `embeddings`."""
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = embeddings.detach().cpu().numpy()
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must have shape (num_pairs, 2), got {pairs.shape}")
+    return np.linalg.norm(embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]], axis=1)
+
+
+def evaluate_model_on_lfw(
+    model: nn.Module,
+    dataset,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    flip: bool = False,
+    progress: bool = True,
+) -> tuple[eval_metrics.LFWMetrics, np.ndarray]:
+    """LFW metrics and per-pair distances of `model` on an `LFWDataset` (its `pairs` and `issame`)."""
+    device = torch.device(device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    embeddings = embed_dataset(model, loader, device, amp_dtype=amp_dtype, flip=flip, progress=progress)
+    distances = pair_distances(embeddings, dataset.pairs)
+    # a pairs file without a header has no folds of its own; the standard ten consecutive blocks then
+    num_folds = getattr(dataset, "num_folds", 10)
+    num_folds = num_folds if num_folds >= 2 else 10
+    return eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds), distances
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a face-embedding checkpoint (this repository's or the original's) on LFW."
+    )
+    parser.add_argument("--model_path", required=True, type=Path, help="checkpoint (.pt) to evaluate")
+    parser.add_argument(
+        "--lfw", required=True, type=Path, help="folder of aligned LFW images, <Name>/<Name>_NNNN.jpg"
+    )
+    parser.add_argument("--lfw_pairs", required=True, type=Path, help="the LFW pairs.txt file")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--num_workers", type=int, default=4, help="data loader workers (capped at the CPU count)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--amp", choices=AMP_CHOICES, default="auto", help="autocast dtype; auto: bf16 on CUDA, off on CPU"
+    )
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="input size; default: the checkpoint's (224 for the original's)",
+    )
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="also embed mirrored images and average (off: numbers match the original)",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="where the JSON and ROC plot go; default: <checkpoint stem>_lfw/",
+    )
+    parser.add_argument(
+        "--skip_missing", action="store_true", help="drop pairs whose images are missing instead of failing"
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def output_paths(output_dir: Path, flip: bool) -> tuple[Path, Path]:
+    """(metrics JSON, ROC plot); flip runs get their own names so both results can sit side by side."""
+    suffix = "_flip" if flip else ""
+    return output_dir / f"lfw_metrics{suffix}.json", output_dir / f"lfw_roc{suffix}.png"
+
+
+def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> None:
+    """Refuse to replace results that another checkpoint (or someone else) wrote at these paths.
+
+    Re-running on the same checkpoint replaces its own previous JSON and plot; anything we cannot prove
+    is ours (a JSON for another checkpoint, an unreadable one, a plot without its JSON) stays untouched.
+    """
+    if json_path.exists():
+        try:
+            previous = json.loads(json_path.read_text())["checkpoint"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = None
+        if previous is None or Path(previous).resolve() != checkpoint_path.resolve():
+            raise InputError(
+                f"{json_path} already exists and holds results of another checkpoint ({previous}); "
+                "choose another --output_dir"
+            )
+    elif plot_path.exists():
+        raise InputError(
+            f"{plot_path} already exists and was not written for this checkpoint; choose another --output_dir"
+        )
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    """Write JSON to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        try:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, path)
+
+
+def lfw_report(
+    loaded: LoadedModel, args, metrics: eval_metrics.LFWMetrics, dataset, device, amp_dtype
+) -> dict:
+    """Everything the JSON file records: which model, how it was evaluated, and the metrics."""
+    checkpoint = loaded.info()
+    checkpoint["path"] = str(Path(args.model_path).resolve())
+    return {
+        "checkpoint": checkpoint,
+        "evaluation": {
+            "lfw_dir": str(args.lfw),
+            "lfw_pairs": str(args.lfw_pairs),
+            "num_pairs": int(len(dataset.issame)),
+            "num_images": int(len(dataset)),
+            "image_size": loaded.image_size,
+            "flip": bool(args.flip),
+            "device": str(device),
+            "amp_dtype": None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        },
+        "metrics": eval_metrics.metrics_summary(metrics),
+        "per_fold": {
+            "accuracy": metrics.accuracy.tolist(),
+            "best_distance_threshold": metrics.best_distances.tolist(),
+        },
+    }
+
+
+def run(args) -> dict:
+    """Evaluate `args.model_path` on LFW, print the table, write JSON and plot; returns the JSON data."""
+    # imported here so that training scripts importing this module do not pay for matplotlib / PIL folders
+    import plots
+    from datasets.lfw_dataset import LFWDataset
+
+    for flag, path, kind in (("--lfw", args.lfw, "folder"), ("--lfw_pairs", args.lfw_pairs, "file")):
+        if not (path.is_dir() if kind == "folder" else path.is_file()):
+            raise InputError(f"{flag}: {kind} not found: {path}")
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise InputError("--batch_size must be at least 1 and --num_workers at least 0")
+    if args.image_size is not None and args.image_size < 1:
+        raise InputError(f"--image_size must be positive, got {args.image_size}")
+
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
+    json_path, plot_path = output_paths(output_dir, args.flip)
+    check_overwrite(json_path, plot_path, args.model_path)
+
+    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size)
+    if device.type == "cuda":
+        # NHWC weights let cuDNN use its channels-last (tensor core) kernels; the inputs follow suit
+        loaded.model.to(memory_format=torch.channels_last)
+    dataset = LFWDataset(
+        args.lfw, args.lfw_pairs, transform=loaded.transform(), skip_missing=args.skip_missing
+    )
+    print(
+        f"{args.model_path}: {loaded.architecture} ({loaded.layout} layout), epoch {loaded.epoch}, "
+        f"{loaded.image_size} px; {len(dataset.issame)} pairs, {len(dataset)} images on {device}"
+    )
+    metrics, _ = evaluate_model_on_lfw(
+        loaded.model,
+        dataset,
+        device,
+        batch_size=args.batch_size,
+        num_workers=usable_workers(args.num_workers),
+        amp_dtype=amp_dtype,
+        flip=args.flip,
+        progress=not args.no_progress,
+    )
+    for line in eval_metrics.format_metrics(metrics):
+        print(line)
+
+    report = lfw_report(loaded, args, metrics, dataset, device, amp_dtype)
+    title = f"ROC on LFW: {args.model_path.name}{' (flip)' if args.flip else ''}"
+    plots.plot_roc_lfw(
+        metrics.false_positive_rate, metrics.true_positive_rate, metrics.roc_auc, plot_path, title
+    )
+    write_json_atomic(report, json_path)
+    print(f"wrote {json_path} and {plot_path}")
+    return report
+
+
+def one_line(error: Exception) -> str:
+    """The error's message on one line.
+
+    A DataLoader worker's exception is re-raised in the main process as the same type, but with the
+    worker's whole traceback as its message; the original message is on its last line.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        prefix, _, message = lines[-1].partition(": ")
+        return message if prefix.endswith("InputError") else lines[-1]
+    return " ".join(lines)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
