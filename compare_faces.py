@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from errors import InputError
+from errors import InputError, report_input_errors
 from inference import FaceEmbedder, distance, load_checkpoint
 from train_common import resolve_device
 
@@ -173,12 +173,7 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return report_input_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

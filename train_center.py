@@ -27,23 +27,16 @@ from losses import CenterLoss
 from train_common import StepOutput, TrainingTask
 
 DEMO_DEFAULTS = {
-    "model": "resnet18",
-    "image_size": 64,
     "epochs": 6,
     "batch_size": 64,
-    "optimizer": "adam",
-    "lr": 0.001,
-    "num_workers": 2,
-    "lfw_batch_size": 128,
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a face-embedding model with cross-entropy + center loss; validate on LFW each epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = train_common.base_parser(
+        "Train a face-embedding model with cross-entropy + center loss; validate on LFW each epoch.",
+        default_output_name="center",
     )
-    train_common.add_common_args(parser, default_output_name="center")
     center = parser.add_argument_group("center loss")
     center.add_argument(
         "--center_loss_lr",

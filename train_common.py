@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from errors import InputError
+from errors import InputError, report_input_errors
 from models import MODEL_NAMES
 
 log = logging.getLogger("facenet")
@@ -61,8 +61,22 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_output_name: str) -> None:
-    """Flags both scripts take: the original's names and meanings, plus the additions listed in README.md."""
+# what --demo changes in both scripts; each adds its own (epochs, batch size, ...)
+DEMO_DEFAULTS = {
+    "model": "resnet18",
+    "image_size": 64,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "num_workers": 2,
+    "lfw_batch_size": 128,
+}
+
+
+def base_parser(description: str, default_output_name: str) -> argparse.ArgumentParser:
+    """The parser both scripts start from: the original's flags and the additions listed in README.md."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataroot", "-d", type=str, help="training images: one folder per identity (required)"
@@ -79,7 +93,12 @@ def add_common_args(parser: argparse.ArgumentParser, default_output_name: str) -
         default=None,
         help="CSV of the training images from datasets/generate_csv_files.py; default: written into --output_dir",
     )
-    data.add_argument("--image_size", type=positive_int, default=140, help="side of the square input images")
+    data.add_argument(
+        "--image_size",
+        type=positive_int,
+        default=160,
+        help="side of the square input images (aligned LFW is 160)",
+    )
     data.add_argument(
         "--num_workers",
         type=int,
@@ -152,6 +171,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_output_name: str) -
         default=None,
         help="checkpoint to resume from",
     )
+    return parser
 
 
 def parse_args(
@@ -216,10 +236,7 @@ def prepare_demo_data(args: argparse.Namespace) -> None:
 def run_script(main_body, argv: list[str] | None) -> int:
     """Run a script's body, turning bad input into one line on stderr and exit status 2."""
     try:
-        return main_body(argv)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_input_errors(lambda: main_body(argv))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -32,24 +32,17 @@ ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
 DEMO_DEFAULTS = {
-    "model": "resnet18",
-    "image_size": 64,
     "epochs": 4,
     "num_triplets_train": 3200,
     "batch_size": 32,
-    "optimizer": "adam",
-    "lr": 0.001,
-    "num_workers": 2,
-    "lfw_batch_size": 128,
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a face-embedding model with triplet loss; validate on LFW after each epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = train_common.base_parser(
+        "Train a face-embedding model with triplet loss; validate on LFW after each epoch.",
+        default_output_name="triplet",
     )
-    train_common.add_common_args(parser, default_output_name="triplet")
     triplets = parser.add_argument_group("triplets")
     triplets.add_argument(
         "--num_triplets_train",
@@ -101,7 +94,7 @@ class TripletTask(TrainingTask):
     def __init__(self, args: argparse.Namespace, runtime: train_common.Runtime):
         super().__init__(args, runtime)
         self.online = args.triplet_selection in ONLINE_RULES
-        self.csv_path = csv_path = train_common.ensure_dataset_csv(args, runtime)
+        csv_path = train_common.ensure_dataset_csv(args, runtime)
         transform = train_transform(args.image_size)
         images_per_step = (
             args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
@@ -110,7 +103,18 @@ class TripletTask(TrainingTask):
         if self.online:
             self.dataset = LabelledFaceDataset(args.dataroot, csv_path, transform=transform)
         else:
-            self.dataset = self.triplet_dataset(csv_path, transform, epoch=0)
+            self.dataset = TripletFaceDataset(
+                root_dir=args.dataroot,
+                csv_name=csv_path,
+                num_triplets=args.num_triplets_train,
+                training_triplets_path=args.training_triplets_path,
+                transform=transform,
+                output_dir=args.output_dir if runtime.is_main else None,
+                seed=args.seed,
+                num_human_identities_per_batch=args.num_human_identities_per_batch,
+                batch_size=args.batch_size,
+                epoch=0,
+            )
             if len(self.dataset) < runtime.world_size:
                 raise InputError(
                     f"{len(self.dataset)} triplets are fewer than the {runtime.world_size} processes"
@@ -120,21 +124,6 @@ class TripletTask(TrainingTask):
         self.train_module = self.model
         self.optimizers = [train_common.build_optimizer(args.optimizer, self.model.parameters(), args.lr)]
         self.loss_fn = TripletLoss(margin=args.margin)
-
-    def triplet_dataset(self, csv_path: str, transform, epoch: int) -> TripletFaceDataset:
-        args = self.args
-        return TripletFaceDataset(
-            root_dir=args.dataroot,
-            csv_name=csv_path,
-            num_triplets=args.num_triplets_train,
-            training_triplets_path=args.training_triplets_path,
-            transform=transform,
-            output_dir=args.output_dir if self.runtime.is_main else None,
-            seed=args.seed,
-            num_human_identities_per_batch=args.num_human_identities_per_batch,
-            batch_size=args.batch_size,
-            epoch=epoch,
-        )
 
     def steps_per_epoch(self) -> int:
         return self.num_steps
@@ -161,7 +150,7 @@ class TripletTask(TrainingTask):
             )
         if args.training_triplets_path is None and epoch > 0:
             # new random triplets every epoch, reproducible from (seed, epoch)
-            self.dataset = self.triplet_dataset(self.csv_path, self.dataset.transform, epoch)
+            self.dataset.set_epoch(epoch)
         sampler = train_common.ShardSampler(
             len(self.dataset), runtime.rank, runtime.world_size, start=start_step * args.batch_size
         )

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import eval_metrics
-from errors import InputError
+from errors import InputError, report_input_errors
 from inference import LoadedModel, embed_images, load_checkpoint
 from train_common import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 
@@ -273,27 +273,9 @@ def run(args) -> dict:
     return report
 
 
-def one_line(error: Exception) -> str:
-    """The error's message on one line.
-
-    A DataLoader worker's exception is re-raised in the main process as the same type, but with the
-    worker's whole traceback as its message; the original message is on its last line.
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        prefix, _, message = lines[-1].partition(": ")
-        return message if prefix.endswith("InputError") else lines[-1]
-    return " ".join(lines)
-
-
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except InputError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    return 0
+    return report_input_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

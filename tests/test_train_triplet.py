@@ -194,3 +194,28 @@ def test_help_explains_every_flag(capsys):
         "--demo",
     ):
         assert flag in text, flag
+
+
+def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    import signal
+
+    real_step = train_triplet.TripletTask.step
+    calls = []
+
+    def step_then_interrupt(self, module, batch):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C arrives during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, module, batch)
+
+    monkeypatch.setattr(train_triplet.TripletTask, "step", step_then_interrupt)
+    output_dir = tmp_path / "run"
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 130
+    interrupted = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1_interrupted.pt"
+    assert f"resume with --resume_path {interrupted}" in capsys.readouterr().out
+    state = torch.load(interrupted, weights_only=True)
+    assert state["epoch"] == 0 and state["step_in_epoch"] == 2  # the step in flight was finished
+    monkeypatch.setattr(train_triplet.TripletTask, "step", real_step)
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1", "--resume_path", interrupted)) == 0
+    final = torch.load(output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True)
+    assert final["epoch"] == 1 and final["step_in_epoch"] == 0

@@ -290,17 +290,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_one_line_unwraps_data_loader_worker_errors():
-    from errors import InputError
-
-    wrapped = InputError(
-        "Caught InputError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nerrors.InputError: LFW image unreadable: a.jpg (OSError: truncated)\n'
-    )
-    assert validate_on_LFW.one_line(wrapped) == "LFW image unreadable: a.jpg (OSError: truncated)"
-    assert validate_on_LFW.one_line(InputError("plain message")) == "plain message"
-
-
 def test_flip_through_embed_images_matches_validation_path():
     # the command and the FaceEmbedder share one flip implementation
     model = TinyEmbedder().eval()
