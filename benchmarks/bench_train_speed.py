@@ -52,7 +52,9 @@ def real_batches(batch_size: int, image_size: int, count: int, workers: int, tmp
 
     csv_path = tmp / "lfw.csv"
     generate_csv(SHARED_LFW, csv_path)
-    dataset = TripletFaceDataset(SHARED_LFW, csv_path, batch_size * count, transform=train_transform(image_size))
+    dataset = TripletFaceDataset(
+        SHARED_LFW, csv_path, batch_size * count, transform=train_transform(image_size)
+    )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -143,13 +145,17 @@ def measure_pipeline(step, batches, device, warmup: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="resnet34")
     parser.add_argument("--image_size", type=int, nargs="+", default=[160])
     parser.add_argument("--batch_size", type=int, default=32, help="triplets per step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of each; median kept")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating measurements of each; median kept"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=train_common.AMP_CHOICES)
     parser.add_argument("--with_data", action="store_true", help="also measure with real data loading")
@@ -164,7 +170,10 @@ def main(argv=None):
         f"{'GPU' if device.type == 'cuda' else 'CPUs'}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"ours: amp {amp_dtype}, channels_last, one pass; batch {args.batch_size} triplets"
     )
-    print("| model | px | original img/s | ours img/s | speed-up |" + (" ours with data img/s | of ceiling |" if args.with_data else ""))
+    print(
+        "| model | px | original img/s | ours img/s | speed-up |"
+        + (" ours with data img/s | of ceiling |" if args.with_data else "")
+    )
     print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.with_data else ""))
     for image_size in args.image_size:
         torch.manual_seed(0)
@@ -173,8 +182,12 @@ def main(argv=None):
         ours_rates, original_rates = [], []
         count = args.warmup + args.steps
         for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
-            original_rates.append(measure(original, synthetic_batches(args.batch_size, image_size, count), device, args.warmup))
-            ours_rates.append(measure(ours, synthetic_batches(args.batch_size, image_size, count), device, args.warmup))
+            original_rates.append(
+                measure(original, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
+            )
+            ours_rates.append(
+                measure(ours, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
+            )
         ours_rate, original_rate = statistics.median(ours_rates), statistics.median(original_rates)
         row = f"| {args.model} | {image_size} | {original_rate:.1f} | {ours_rate:.1f} | {ours_rate / original_rate:.2f}x |"
         if args.with_data:

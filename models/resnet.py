@@ -97,7 +97,9 @@ class EmbeddingModel(nn.Module):
         # half-precision "unit" vectors visibly off unit length
         return F.normalize(self.model(images).float(), p=2, dim=1)
 
-    def forward_training(self, images: torch.Tensor, logit_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_training(
+        self, images: torch.Tensor, logit_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and classifier logits; ``logit_scale`` multiplies the unit-norm embedding first.
 
         Softmax over logits of a unit vector saturates early (every logit is bounded by the weight norm), so

@@ -216,6 +216,8 @@ def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_pa
     state = torch.load(interrupted, weights_only=True)
     assert state["epoch"] == 0 and state["step_in_epoch"] == 2  # the step in flight was finished
     monkeypatch.setattr(train_triplet.TripletTask, "step", real_step)
-    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1", "--resume_path", interrupted)) == 0
+    assert (
+        run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1", "--resume_path", interrupted)) == 0
+    )
     final = torch.load(output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True)
     assert final["epoch"] == 1 and final["step_in_epoch"] == 0
