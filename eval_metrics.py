@@ -71,22 +71,30 @@ def evaluate_lfw(
     num_folds: int = 10,
     far_target: float = 1e-3,
     far_targets=(1e-1, 1e-2, 1e-3),
+    fold_ids=None,
 ) -> LFWMetrics:
     """Evaluate pair distances against same/different labels with the LFW ten-fold protocol.
 
     `distances` holds one distance per pair and `labels` 1 (or True) for a same-person pair, in the order of
-    the pairs file, so that consecutive blocks are the official folds. `far_target` is the target reported
+    the pairs file, so that consecutive blocks are the official folds. When some pairs were dropped (missing
+    images), pass `fold_ids` (the official fold of each remaining pair) so the folds stay the official ones
+    instead of shifting; `num_folds` is then the number of distinct ids. `far_target` is the target reported
     in `tar`/`far`; it is added to `far_targets` if missing. Folds without positives (or negatives) report a
     recall/TAR (or FAR) of 0 and a fold with nothing predicted same a precision of 0, never NaN. Raises
     `InputError` (a ValueError) for mismatched or malformed inputs.
     """
+    if fold_ids is not None:
+        fold_ids = np.asarray(fold_ids)
+        if fold_ids.shape != np.shape(distances):
+            raise InputError(f"fold_ids has shape {fold_ids.shape}, distances {np.shape(distances)}")
+        num_folds = len(np.unique(fold_ids))
     distances, labels = _validate_pairs(distances, labels, num_folds)
     far_targets = _merge_far_targets(far_target, far_targets)
 
     accuracy, precision, recall, best_distances = (np.zeros(num_folds) for _ in range(4))
     tar_at_far = {target: np.zeros(num_folds) for target in far_targets}
     far_at_far = {target: np.zeros(num_folds) for target in far_targets}
-    for fold, (train, test) in enumerate(lfw_fold_splits(distances.size, num_folds)):
+    for fold, (train, test) in enumerate(lfw_fold_splits(distances.size, num_folds, fold_ids)):
         threshold = best_accuracy_threshold(distances[train], labels[train])
         rates = rates_at_threshold(distances[test], labels[test], threshold)
         best_distances[fold] = threshold
@@ -117,13 +125,17 @@ def evaluate_lfw(
     )
 
 
-def lfw_fold_splits(num_pairs: int, num_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def lfw_fold_splits(num_pairs: int, num_folds: int, fold_ids=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train_indices, test_indices) per fold: consecutive blocks in file order, as the LFW folds are.
 
-    Same blocks as sklearn's KFold(n_splits=num_folds, shuffle=False).
+    Same blocks as sklearn's KFold(n_splits=num_folds, shuffle=False); with `fold_ids`, the pairs of each
+    distinct id (in sorted id order) instead.
     """
     indices = np.arange(num_pairs)
-    test_blocks = np.array_split(indices, num_folds)
+    if fold_ids is None:
+        test_blocks = np.array_split(indices, num_folds)
+    else:
+        test_blocks = [indices[fold_ids == fold] for fold in np.unique(fold_ids)]
     return [(np.setdiff1d(indices, test, assume_unique=True), test) for test in test_blocks]
 
 

@@ -104,10 +104,12 @@ def evaluate_model_on_lfw(
     )
     embeddings = embed_dataset(model, loader, device, amp_dtype=amp_dtype, flip=flip, progress=progress)
     distances = pair_distances(embeddings, dataset.pairs)
-    # a pairs file without a header has no folds of its own; the standard ten consecutive blocks then
-    num_folds = getattr(dataset, "num_folds", 10)
-    num_folds = num_folds if num_folds >= 2 else 10
-    return eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds), distances
+    if getattr(dataset, "num_folds", 1) >= 2:
+        # the pairs file's own folds, which stay the official ones when pairs with missing images were dropped
+        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, fold_ids=dataset.fold_of_pair)
+    else:  # a pairs file without a header has no folds of its own: the standard ten consecutive blocks
+        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=10)
+    return metrics, distances
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -306,3 +306,25 @@ def test_far_target_outside_unit_interval_raises():
     distances, labels = lfw_like_pairs(seed=14)
     with pytest.raises(ValueError, match="FAR targets"):
         evaluate_lfw(distances, labels, far_target=1.5)
+
+
+def test_fold_ids_keep_the_official_folds_when_pairs_are_dropped():
+    distances, labels = lfw_like_pairs(seed=12)
+    full = evaluate_lfw(distances, labels)
+    fold_ids = np.repeat(np.arange(10), len(distances) // 10)
+    # the same result through explicit ids
+    np.testing.assert_array_equal(evaluate_lfw(distances, labels, fold_ids=fold_ids).accuracy, full.accuracy)
+    # drop 37 pairs from fold 0: folds 1-9 keep exactly their pairs, so their test accuracies only move
+    # through the changed training split, while consecutive blocks would shift every fold boundary
+    keep = np.ones(len(distances), bool)
+    keep[:37] = False
+    kept = evaluate_lfw(distances[keep], labels[keep], fold_ids=fold_ids[keep])
+    assert len(kept.accuracy) == 10
+    for fold in range(1, 10):
+        in_fold = fold_ids[keep] == fold
+        rates = eval_metrics.rates_at_threshold(
+            distances[keep][in_fold], labels[keep][in_fold], kept.best_distances[fold]
+        )
+        assert kept.accuracy[fold] == rates.accuracy
+    with pytest.raises(ValueError, match="fold_ids"):
+        evaluate_lfw(distances, labels, fold_ids=fold_ids[:-1])
