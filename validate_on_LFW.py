@@ -104,11 +104,12 @@ def evaluate_model_on_lfw(
     )
     embeddings = embed_dataset(model, loader, device, amp_dtype=amp_dtype, flip=flip, progress=progress)
     distances = pair_distances(embeddings, dataset.pairs)
-    if getattr(dataset, "num_folds", 1) >= 2:
-        # the pairs file's own folds, which stay the official ones when pairs with missing images were dropped
-        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, fold_ids=dataset.fold_of_pair)
-    else:  # a pairs file without a header has no folds of its own: the standard ten consecutive blocks
+    num_folds = getattr(dataset, "num_folds", 10)
+    if num_folds < 2:  # a pairs file without a header has no folds of its own: ten consecutive blocks
         metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=10)
+    else:  # the file's own folds, which stay the official ones when pairs with missing images were dropped
+        fold_ids = getattr(dataset, "fold_of_pair", None)
+        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds, fold_ids=fold_ids)
     return metrics, distances
 
 
