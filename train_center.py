@@ -27,7 +27,7 @@ from losses import CenterLoss
 from train_common import StepOutput, TrainingTask
 
 DEMO_DEFAULTS = {
-    "epochs": 6,
+    "epochs": 5,
     "batch_size": 64,
 }
 

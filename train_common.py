@@ -227,7 +227,7 @@ def prepare_demo_data(args: argparse.Namespace) -> None:
     """Point the run at the synthetic demo dataset, generating it first if needed."""
     from datasets.make_demo_dataset import make_demo_dataset
 
-    demo = make_demo_dataset(DEMO_ROOT)
+    demo = make_demo_dataset(DEMO_ROOT, num_workers=2)
     args.dataroot = args.dataroot or str(demo.train_dir)
     args.lfw = args.lfw or str(demo.lfw_dir)
     args.lfw_pairs = args.lfw_pairs or str(demo.pairs_path)

@@ -32,8 +32,8 @@ ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
 DEMO_DEFAULTS = {
-    "epochs": 4,
-    "num_triplets_train": 3200,
+    "epochs": 3,
+    "num_triplets_train": 2400,
     "batch_size": 32,
 }
 
