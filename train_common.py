@@ -177,10 +177,10 @@ def base_parser(description: str, default_output_name: str) -> argparse.Argument
 def parse_args(
     parser: argparse.ArgumentParser, argv: list[str] | None, demo_defaults: dict
 ) -> argparse.Namespace:
-    """Parse, applying ``demo_defaults`` under ``--demo`` to every flag the user did not give."""
+    """Parse; under ``--demo``, the demo defaults (shared, then the script's) apply to every flag not given."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--demo" in argv:
-        parser.set_defaults(**demo_defaults)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **demo_defaults})
     args = parser.parse_args(argv)
     if not args.demo:
         missing = [

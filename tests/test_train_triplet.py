@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import train_common
 import train_triplet
 from tests.training_data import REPO, common_args
 
@@ -221,3 +222,14 @@ def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_pa
     )
     final = torch.load(output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True)
     assert final["epoch"] == 1 and final["step_in_epoch"] == 0
+
+
+def test_demo_defaults_apply_only_to_flags_not_given():
+    parser = train_triplet.get_args_parser()
+    args = train_common.parse_args(parser, ["--demo", "--epochs", "1"], train_triplet.DEMO_DEFAULTS)
+    assert (args.model, args.image_size, args.epochs) == ("resnet18", 64, 1)
+    assert args.num_triplets_train == train_triplet.DEMO_DEFAULTS["num_triplets_train"]
+    plain = train_common.parse_args(train_triplet.get_args_parser(), ["-d", "x", "--lfw", "y"], {})
+    assert (plain.model, plain.image_size, plain.num_triplets_train) == ("resnet34", 160, 1_100_000)
+    with pytest.raises(SystemExit):
+        train_common.parse_args(train_triplet.get_args_parser(), ["--lfw", "y"], {})  # --dataroot missing
