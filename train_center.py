@@ -27,7 +27,7 @@ from losses import CenterLoss
 from train_common import StepOutput, TrainingTask
 
 DEMO_DEFAULTS = {
-    "epochs": 5,
+    "epochs": 3,
     "batch_size": 64,
 }
 

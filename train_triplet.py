@@ -32,7 +32,7 @@ ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
 DEMO_DEFAULTS = {
-    "epochs": 3,
+    "epochs": 2,
     "num_triplets_train": 2400,
     "batch_size": 32,
 }
