@@ -64,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=PREGENERATED_RULES + ONLINE_RULES,
         default="hard",
         help="hard: the original's d(a,n) - d(a,p) < margin on random triplets; semihard: FaceNet's "
-        "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in P x K batches",
+        "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in P x K batches "
+        "(batch_all learned fastest in benchmarks/bench_learning.py; see README.md)",
     )
     triplets.add_argument(
         "--num_human_identities_per_batch",
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     triplets.add_argument(
         "--identities_per_batch",
         type=train_common.positive_int,
-        default=32,
+        default=16,
         help="online mining: P, the identities in a batch",
     )
     triplets.add_argument(
