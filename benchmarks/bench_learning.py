@@ -1,0 +1,601 @@
+"""Which training method learns fastest? A small-scale learning benchmark on real LFW faces, on the CPU.
+
+    python benchmarks/bench_learning.py                                   # the five methods, seed 0, then the
+                                                                          # best two again with seed 1
+    python benchmarks/bench_learning.py --budget_seconds 90 --methods center center:lr=3e-3 \
+        batch_hard:margin=0.5 --seeds 0 --name tuning --no-plot         # a tuning pass
+
+Protocol. LFW's ten folds are identity-disjoint. The models train on every image in lfw_112 of the identities
+that appear in folds 1-5 of lfw_pairs.txt (a folder of symlinks under --work_dir, listed by generate_csv) and
+are evaluated on the 3,000 pairs of folds 6-10, in file order, with the repository's own evaluation
+(validate_on_LFW.evaluate_model_on_lfw -> eval_metrics.evaluate_lfw with five folds). The script checks that no
+identity is on both sides.
+
+Methods, all ResNet-18 from scratch with the same augmentation (datasets.transforms.train_transform):
+  hard        pre-generated random triplets, keeping d(a,n) - d(a,p) < margin (the original repository's rule)
+  semihard    pre-generated random triplets, keeping d(a,p) < d(a,n) < d(a,p) + margin (FaceNet)
+  batch_hard  online mining over P identities x K images (Hermans et al. 2017)
+  batch_all   online mining, every in-batch triplet with a positive loss
+  center      cross-entropy on the scaled unit embedding + center loss (train_center.py)
+A method name may carry overrides of any flag of its training script: `batch_hard:margin=0.5,lr=3e-3`.
+
+The real code is driven, not re-implemented: each run parses its flags with the script's own
+`get_args_parser()`, builds `TripletTask` / `CenterTask` on `train_common.Runtime(cpu)`, iterates
+`task.batches(epoch, 0)` and applies `task.step` exactly as `train_common.Trainer` does (backward,
+`task.before_optimizer_step()`, optimizer steps, zero_grad).
+
+Fair budget. The machine is shared, so wall time is unfair between runs. Every run gets the same budget of
+process CPU time (`time.process_time()`), with one torch thread and `num_workers=0`, so image decoding and
+augmentation are counted and no thread spins while waiting for a busy core. Evaluation is paused out of the
+budget. Each run is its own process (`--jobs` of them at once), so the clock holds nothing but that run.
+
+Outputs in --output: <name>.md (the table), <name>.json (settings, curves, per-run records) and, unless
+--no-plot, <name>_curves.png (accuracy against training CPU seconds). Finished runs are cached in
+--work_dir/records and reused when the same run is asked for again (--no-reuse to rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path("..") / "shared" / "data"  # relative to the repository root, like the rest of the project
+METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center")
+TRAIN_FOLDS = range(0, 5)  # folds 1-5 (0-based)
+FAR_KEY = "tar_at_far_0.01"
+# the settings every method shares; per-method flags come from method_flags()
+COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Accuracy against training CPU time of the training methods, on LFW folds 1-5 -> 6-10.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--budget_seconds", type=float, default=240.0, help="training CPU seconds per run")
+    parser.add_argument(
+        "--eval_every",
+        type=float,
+        default=None,
+        help="also evaluate every this many training CPU seconds (default: budget / 2); always at the end",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"methods ({', '.join(METHODS)}), each optionally with flag overrides: name:flag=value,flag=value",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds")
+    parser.add_argument(
+        "--repeat_best",
+        type=int,
+        default=2,
+        help="run the seeds after the first only for this many methods, the best after the first seed "
+        "(0: every method gets every seed)",
+    )
+    parser.add_argument("--image_size", type=int, default=64, help="input side in pixels (lfw_112 is 112)")
+    parser.add_argument("--lr", type=float, default=COMMON_DEFAULTS["lr"], help="learning rate (adam)")
+    parser.add_argument("--margin", type=float, default=0.2, help="triplet margin")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate the untrained network of the first seed (where its curves start)",
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process and one thread each")
+    parser.add_argument("--output", type=str, default="benchmarks/results", help="results folder")
+    parser.add_argument("--name", type=str, default="learning", help="stem of the result files")
+    parser.add_argument(
+        "--plot", action=argparse.BooleanOptionalAction, default=True, help="write <name>_curves.png"
+    )
+    parser.add_argument(
+        "--reuse", action=argparse.BooleanOptionalAction, default=True, help="reuse cached finished runs"
+    )
+    parser.add_argument("--work_dir", type=str, default="/tmp/bench_learning", help="scratch folder")
+    parser.add_argument(
+        "--data", type=str, default=str(SHARED_DATA), help="folder with lfw_112, lfw_pairs.txt"
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- data split
+
+
+def prepare_split(data_dir: Path, work_dir: Path) -> dict:
+    """Symlink tree of the training identities, its CSV, and a pairs file of folds 6-10 only.
+
+    Returns the paths and counts. Raises if an identity would be both trained on and evaluated on.
+    """
+    from datasets.generate_csv_files import generate_csv
+    from datasets.lfw_dataset import read_pairs
+
+    lfw_dir, pairs_path = data_dir / "lfw_112", data_dir / "lfw_pairs.txt"
+    parsed = read_pairs(pairs_path)
+    names_by_fold = [set() for _ in range(parsed.num_folds)]
+    for (first, _), (second, _), fold in zip(parsed.first, parsed.second, parsed.fold_of_pair, strict=True):
+        names_by_fold[fold].update((first, second))
+    train_names = set().union(*(names_by_fold[fold] for fold in TRAIN_FOLDS))
+    test_folds = [fold for fold in range(parsed.num_folds) if fold not in TRAIN_FOLDS]
+    test_names = set().union(*(names_by_fold[fold] for fold in test_folds))
+    overlap = train_names & test_names
+    if overlap:
+        raise AssertionError(f"{len(overlap)} identities in both the training and the test folds")
+
+    tree = work_dir / "train_tree"
+    tree.mkdir(parents=True, exist_ok=True)
+    for name in sorted(train_names):
+        link, target = tree / name, (lfw_dir / name).resolve()
+        if target.is_dir() and not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    if {path.name for path in tree.iterdir()} & test_names:
+        raise AssertionError(f"{tree} holds an identity of the test folds")
+    csv_path = work_dir / "train.csv"
+    summary = generate_csv(tree, csv_path)
+
+    test_pairs_path = work_dir / "pairs_folds_6_10.txt"
+    write_fold_subset(pairs_path, test_pairs_path, test_folds)
+    return {
+        "train_tree": str(tree),
+        "train_csv": str(csv_path),
+        "lfw_dir": str(lfw_dir),
+        "test_pairs": str(test_pairs_path),
+        "num_train_identities": summary.num_identities,
+        "num_train_images": summary.num_images,
+        "num_test_pairs": int(sum(1 for fold in parsed.fold_of_pair if fold in test_folds)),
+    }
+
+
+def write_fold_subset(pairs_path: Path, out_path: Path, folds: list[int]) -> None:
+    """The lines of `folds` of a headed pairs file, in file order, under a header with their fold count."""
+    lines = [line for line in pairs_path.read_text().splitlines() if line.strip()]
+    num_folds, per_kind = (int(field) for field in lines[0].split())
+    block = 2 * per_kind
+    body = [line for fold in folds for line in lines[1 + fold * block : 1 + (fold + 1) * block]]
+    if len(lines) != 1 + num_folds * block:
+        raise AssertionError(f"{pairs_path}: expected {num_folds * block} pair lines")
+    out_path.write_text(f"{len(folds)}\t{per_kind}\n" + "\n".join(body) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- run specs
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+    """`batch_hard:margin=0.5,lr=3e-3` -> ("batch_hard", {"margin": "0.5", "lr": "3e-3"})."""
+    method, _, rest = spec.partition(":")
+    if method not in METHODS + ("untrained",):
+        raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}, untrained")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {spec!r}: overrides are flag=value")
+        overrides[key] = value
+    return method, overrides
+
+
+def method_settings(method: str, bench_args: argparse.Namespace, overrides: dict[str, str]) -> dict:
+    """The training-script flags (without paths and seed) of a method, overrides applied last."""
+    settings = {**COMMON_DEFAULTS, "image_size": bench_args.image_size, "lr": bench_args.lr}
+    if method in ("hard", "semihard"):
+        # 32 triplets = 96 images a step; a new random 1,280 triplets every "epoch"
+        settings.update(triplet_selection=method, margin=bench_args.margin, batch_size=32)
+        settings.update(num_triplets_train=1280)
+    elif method in ("batch_hard", "batch_all"):
+        settings.update(triplet_selection=method, margin=bench_args.margin)
+        settings.update(identities_per_batch=16, images_per_identity=4, num_triplets_train=1280)
+    else:
+        settings.update(batch_size=64)  # center loss: --logit_scale, --center_loss_* keep their defaults
+    settings.update(overrides)
+    return settings
+
+
+def run_key(method: str, settings: dict, seed: int, budget: float, eval_points: list[float]) -> str:
+    text = json.dumps([method, settings, seed, budget, eval_points], sort_keys=True, default=str)
+    return f"{method}-s{seed}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def script_argv(method: str, settings: dict, seed: int, split: dict, output_dir: Path) -> list[str]:
+    argv = [
+        "--dataroot", split["train_tree"], "--dataset_csv", split["train_csv"],
+        "--lfw", split["lfw_dir"], "--lfw_pairs", split["test_pairs"],
+        "--output_dir", str(output_dir), "--num_workers", "0", "--seed", str(seed), "--epochs", "100000",
+    ]  # fmt: skip
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+class TrainingClock:
+    """Process CPU seconds spent training: the process's CPU time minus the paused (evaluation) intervals."""
+
+    def __init__(self):
+        self.start = time.process_time()
+        self.paused = 0.0
+
+    def elapsed(self) -> float:
+        return time.process_time() - self.start - self.paused
+
+    def pause(self) -> float:
+        return time.process_time()
+
+    def resume(self, paused_at: float) -> None:
+        self.paused += time.process_time() - paused_at
+
+
+def images_in(batch) -> int:
+    """Images a batch feeds through the model: (images, labels) or the (anchor, positive, negative) triple."""
+    return sum(int(part.shape[0]) for part in batch if getattr(part, "ndim", 0) == 4)
+
+
+def apply_step(task, loss) -> None:
+    """Trainer.apply_step without the gradient scaler (a no-op in fp32)."""
+    loss.backward()
+    task.before_optimizer_step()
+    for optimizer in task.optimizers:
+        optimizer.step()
+    for optimizer in task.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate(task, lfw_dataset) -> dict:
+    import eval_metrics
+    from validate_on_LFW import evaluate_model_on_lfw
+
+    metrics, _ = evaluate_model_on_lfw(
+        task.model, lfw_dataset, task.runtime.device, batch_size=128, num_workers=0, progress=False
+    )
+    if len(metrics.accuracy) != 5:
+        raise AssertionError(f"expected 5 evaluation folds, got {len(metrics.accuracy)}")
+    return eval_metrics.metrics_summary(metrics)
+
+
+def train_one(job: dict) -> dict:
+    """One (method, settings, seed) run in this process; returns its record (also cached as JSON)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import train_center
+    import train_common
+    import train_triplet
+    from datasets.lfw_dataset import LFWDataset
+    from datasets.transforms import eval_transform
+
+    method, settings, seed = job["method"], job["settings"], job["seed"]
+    output_dir = Path(job["work_dir"]) / "runs" / job["key"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv = script_argv(method, settings, seed, job["split"], output_dir)
+    # "untrained" is any triplet task evaluated before its first step: with the same seed every method starts
+    # from the same embedding network (the center task's classifier is built after it)
+    script, task_class = (
+        (train_center, train_center.CenterTask)
+        if method == "center"
+        else (train_triplet, train_triplet.TripletTask)
+    )
+    args = script.get_args_parser().parse_args(argv)
+    runtime = train_common.Runtime(torch.device("cpu"))
+    lfw_dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
+    if len(lfw_dataset.issame) != job["split"]["num_test_pairs"]:
+        raise AssertionError("the evaluation pairs are not the 3,000 of folds 6-10")
+    load_before = os.getloadavg()[0]
+    wall_start = time.perf_counter()
+    train_common.seed_everything(args.seed)
+    task = task_class(args, runtime)
+
+    budget, eval_points = job["budget"], list(job["eval_points"])
+    clock = TrainingClock()
+    curve, steps, images, trained_on, skipped, epoch = [], 0, 0, 0.0, 0, 0
+    loss_sum, loss_count, eval_cpu = 0.0, 0.0, 0.0
+    if method == "untrained":
+        eval_points = []
+        curve.append(
+            {"train_cpu_s": 0.0, "steps": 0, "images": 0, "epochs": 0, **evaluate(task, lfw_dataset)}
+        )
+    while eval_points:
+        task.train_module.train()
+        torch.manual_seed(train_common.epoch_seed(args.seed, epoch))
+        for batch in task.batches(epoch, 0):
+            out = task.step(task.train_module, batch)
+            if torch.isfinite(out.loss_sum):
+                apply_step(task, out.loss)
+                loss_sum += float(out.loss_sum)
+                loss_count += float(out.count)
+                trained_on += float(out.count)
+            else:  # the Trainer skips such a step too
+                skipped += 1
+                for optimizer in task.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            images += images_in(batch)
+            if clock.elapsed() >= eval_points[0]:
+                paused_at = clock.pause()
+                point = {
+                    "train_cpu_s": round(clock.elapsed(), 2),
+                    "steps": steps,
+                    "images": images,
+                    "epochs": epoch,
+                    "train_loss": loss_sum / loss_count if loss_count else None,
+                    **evaluate(task, lfw_dataset),
+                }
+                loss_sum = loss_count = 0.0
+                clock.resume(paused_at)
+                eval_cpu = clock.paused
+                curve.append(point)
+                print(
+                    f"{job['key']}: {point['train_cpu_s']:.0f} cpu-s, {steps} steps, "
+                    f"accuracy {point['accuracy_mean']:.4f}",
+                    flush=True,
+                )
+                eval_points.pop(0)
+                if not eval_points:
+                    break
+        epoch += 1
+    record = {
+        "key": job["key"],
+        "method": method,
+        "settings": settings,
+        "seed": seed,
+        "budget_cpu_s": budget,
+        "clock": "process CPU time (time.process_time), 1 torch thread, num_workers=0, evaluation excluded",
+        "curve": curve,
+        "final": curve[-1],
+        "steps": steps,
+        "images": images,
+        f"{task.count_name}_trained_on": trained_on,
+        "skipped_steps": skipped,
+        "eval_cpu_s": round(eval_cpu, 1),
+        "wall_s": round(time.perf_counter() - wall_start, 1),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "argv": argv,
+    }
+    records_dir = Path(job["work_dir"]) / "records"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    (records_dir / f"{job['key']}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# --------------------------------------------------------------------------------------------- scheduling
+
+
+def make_jobs(bench_args, specs, seeds, split, eval_points) -> list[dict]:
+    jobs = []
+    for spec in specs:
+        method, overrides = parse_method(spec)
+        settings = method_settings(method, bench_args, overrides)
+        for seed in seeds:
+            budget = 0.0 if method == "untrained" else bench_args.budget_seconds
+            key = run_key(method, settings, seed, budget, eval_points)
+            jobs.append(
+                {
+                    "spec": spec,
+                    "method": method,
+                    "settings": settings,
+                    "seed": seed,
+                    "key": key,
+                    "budget": budget,
+                    "eval_points": eval_points,
+                    "work_dir": bench_args.work_dir,
+                    "split": split,
+                }
+            )
+    return jobs
+
+
+def run_jobs(jobs: list[dict], num_jobs: int, reuse: bool) -> list[dict]:
+    """Records of the jobs, in job order: cached ones read back, the others run in fresh processes."""
+    records: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        cached = Path(job["work_dir"]) / "records" / f"{job['key']}.json"
+        if reuse and cached.is_file():
+            records[job["key"]] = json.loads(cached.read_text())
+        else:
+            todo.append(job)
+    if todo:
+        print(f"running {len(todo)} runs, {num_jobs} at a time ({len(jobs) - len(todo)} cached)", flush=True)
+        # a fresh process per run: its CPU clock holds that run only, and no memory carries over
+        with ProcessPoolExecutor(num_jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            for record in pool.map(train_one, todo):
+                records[record["key"]] = record
+    return [records[job["key"]] for job in jobs]
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def settings_text(record: dict) -> str:
+    settings = record["settings"]
+    keys = ["image_size", "optimizer", "lr"]
+    if record["method"] == "untrained":
+        keys = ["image_size"]
+    elif record["method"] == "center":
+        keys += ["batch_size", "logit_scale", "center_loss_weight", "center_loss_lr"]
+    elif record["method"] in ("hard", "semihard"):
+        keys += ["margin", "batch_size"]
+    else:
+        keys += ["margin", "identities_per_batch", "images_per_identity"]
+    shown = {key: settings[key] for key in keys if key in settings}
+    if record["method"] == "center":  # the script's defaults, unless overridden
+        for key, default in (("logit_scale", 16.0), ("center_loss_weight", 0.007), ("center_loss_lr", 0.5)):
+            shown.setdefault(key, default)
+    return ", ".join(f"{key}={value}" for key, value in shown.items())
+
+
+def markdown_table(records: list[dict]) -> list[str]:
+    lines = [
+        "| method | settings | seed | LFW 6-10 accuracy (mean ± std, 5 folds) | ROC AUC | TAR @ FAR 1e-2 "
+        "| steps | images seen | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        final = record["final"]
+        lines.append(
+            f"| {record['method']} | {settings_text(record)} | {record['seed']} "
+            f"| {final['accuracy_mean']:.4f} ± {final['accuracy_std']:.4f} | {final['roc_auc']:.4f} "
+            f"| {final[FAR_KEY + '_mean']:.4f} | {record['steps']} | {record['images']} "
+            f"| {final['train_cpu_s']:.0f} |"
+        )
+    return lines
+
+
+def seed_summary(records: list[dict]) -> list[str]:
+    """Per (method, settings) with several seeds: the mean over seeds and the seed-to-seed spread."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["method"], settings_text(record)), []).append(record)
+    lines = []
+    for (method, settings), group in groups.items():
+        if len(group) < 2:
+            continue
+        accuracies = [record["final"]["accuracy_mean"] for record in group]
+        aucs = [record["final"]["roc_auc"] for record in group]
+        mean = sum(accuracies) / len(accuracies)
+        spread = max(accuracies) - min(accuracies)
+        lines.append(
+            f"- {method} ({settings}): accuracy {mean:.4f} over seeds "
+            f"{', '.join(str(r['seed']) for r in group)} (spread {spread:.4f}; "
+            f"{', '.join(f'{a:.4f}' for a in accuracies)}), ROC AUC {', '.join(f'{a:.4f}' for a in aucs)}"
+        )
+    return lines
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Accuracy against training CPU seconds, one line per run (colour: method, line style: seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(
+        zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
+    )
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({record["seed"] for record in records})
+    # every curve starts at its seed's untrained network (the same for every method, see train_one)
+    start = {record["seed"]: record["final"] for record in records if record["method"] == "untrained"}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        for record in records:
+            if record["method"] == "untrained":
+                continue
+            points = ([start[record["seed"]]] if record["seed"] in start else []) + record["curve"]
+            x = [point["train_cpu_s"] for point in points]
+            y = [point["accuracy_mean"] for point in points]
+            ax.plot(
+                x,
+                y,
+                marker="o",
+                color=colours[record["method"]],
+                linestyle=styles[seeds.index(record["seed"]) % len(styles)],
+                label=f"{record['method']} seed {record['seed']}",
+            )
+        ax.set(
+            xlabel="training time (process CPU seconds, 1 thread)",
+            ylabel="accuracy, LFW folds 6-10 (5-fold)",
+            title="ResNet-18 from scratch on LFW folds 1-5 identities",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def write_report(bench_args, split, records, eval_points, output: Path) -> list[str]:
+    lines = [
+        f"# Learning benchmark: {bench_args.name}",
+        "",
+        f"Train: {split['num_train_images']} images of {split['num_train_identities']} identities (LFW folds "
+        f"1-5); test: the {split['num_test_pairs']} pairs of folds 6-10, evaluate_lfw with 5 folds. "
+        f"Budget {bench_args.budget_seconds:g} s of process CPU time per run (1 torch thread, num_workers=0, "
+        f"decoding and augmentation included, evaluation excluded); evaluated at "
+        f"{', '.join(f'{p:g}' for p in eval_points)} CPU s. ResNet-18 from scratch, Adam unless stated.",
+        "",
+        *markdown_table(records),
+    ]
+    summary = seed_summary(records)
+    if summary:
+        lines += ["", "Seed-to-seed:", *summary]
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{bench_args.name}.md").write_text("\n".join(lines) + "\n")
+    data = {
+        "command": "python benchmarks/bench_learning.py " + " ".join(sys.argv[1:]),
+        "protocol": {"split": split, "budget_cpu_s": bench_args.budget_seconds, "eval_points": eval_points},
+        "runs": [
+            {key: value for key, value in record.items() if key != "argv"}
+            | {
+                "argv": [
+                    a
+                    if not a.startswith(bench_args.work_dir)
+                    else "<work_dir>" + a[len(bench_args.work_dir) :]
+                    for a in record["argv"]
+                ]
+            }
+            for record in records
+        ],
+    }
+    (output / f"{bench_args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    bench_args = get_args_parser().parse_args(argv)
+    os.chdir(REPO)  # the data path is relative to the repository root
+    for spec in bench_args.methods:
+        parse_method(spec)  # fail before any work
+    budget = bench_args.budget_seconds
+    every = bench_args.eval_every or budget / 2
+    eval_points = [round(every * i, 3) for i in range(1, math.ceil(budget / every - 1e-9))] + [budget]
+    split = prepare_split(Path(bench_args.data), Path(bench_args.work_dir))
+    print(
+        f"train: {split['num_train_images']} images, {split['num_train_identities']} identities; "
+        f"test: {split['num_test_pairs']} pairs; no identity overlap",
+        flush=True,
+    )
+    first, later = bench_args.seeds[:1], bench_args.seeds[1:]
+    records = run_jobs(
+        make_jobs(bench_args, bench_args.methods, first, split, eval_points),
+        bench_args.jobs,
+        bench_args.reuse,
+    )
+    if later:
+        ranked = sorted(records, key=lambda record: record["final"]["accuracy_mean"], reverse=True)
+        repeat = ranked[: bench_args.repeat_best] if bench_args.repeat_best else ranked
+        by_spec = {
+            job["key"]: job["spec"]
+            for job in make_jobs(bench_args, bench_args.methods, first, split, eval_points)
+        }
+        specs = [by_spec[record["key"]] for record in repeat]
+        records += run_jobs(
+            make_jobs(bench_args, specs, later, split, eval_points), bench_args.jobs, bench_args.reuse
+        )
+    records.sort(key=lambda record: (-record["final"]["accuracy_mean"], record["seed"]))
+    if bench_args.baseline:  # one evaluation costs a tenth of a run: the first seed only
+        records += run_jobs(
+            make_jobs(bench_args, ["untrained"], first, split, [0.0]), bench_args.jobs, bench_args.reuse
+        )
+    lines = write_report(bench_args, split, records, eval_points, Path(bench_args.output))
+    if bench_args.plot:
+        plot_curves(records, Path(bench_args.output) / f"{bench_args.name}_curves.png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
