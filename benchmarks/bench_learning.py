@@ -31,7 +31,8 @@ budget. Each run is its own process (`--jobs` of them at once), so the clock hol
 
 Outputs in --output: <name>.md (the table), <name>.json (settings, curves, per-run records) and, unless
 --no-plot, <name>_curves.png (accuracy against training CPU seconds). Finished runs are cached in
---work_dir/records and reused when the same run is asked for again (--no-reuse to rerun).
+--work_dir/records and reused when the same run is asked for again: the cache key is the run's settings, not
+the code, so pass --no-reuse after changing the training code.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path("..") / "shared" / "data"  # relative to the repository root, like the rest of the project
+SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
 METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center")
 TRAIN_FOLDS = range(0, 5)  # folds 1-5 (0-based)
 FAR_KEY = "tar_at_far_0.01"
-# the settings every method shares; per-method flags come from method_flags()
+# the settings every method shares; the per-method ones are in method_settings()
 COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
 
 
@@ -95,7 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="also evaluate the untrained network of the first seed (where its curves start)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process and one thread each")
-    parser.add_argument("--output", type=str, default="benchmarks/results", help="results folder")
+    parser.add_argument(
+        "--output", type=str, default=str(REPO / "benchmarks" / "results"), help="results folder"
+    )
     parser.add_argument("--name", type=str, default="learning", help="stem of the result files")
     parser.add_argument(
         "--plot", action=argparse.BooleanOptionalAction, default=True, help="write <name>_curves.png"
@@ -175,12 +178,12 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
     """`batch_hard:margin=0.5,lr=3e-3` -> ("batch_hard", {"margin": "0.5", "lr": "3e-3"})."""
     method, _, rest = spec.partition(":")
     if method not in METHODS + ("untrained",):
-        raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}, untrained")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}, untrained")
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: {spec!r}: overrides are flag=value")
+            raise ValueError(f"{spec!r}: overrides are flag=value")
         overrides[key] = value
     return method, overrides
 
@@ -436,18 +439,26 @@ def settings_text(record: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in shown.items())
 
 
+def trained_on(record: dict) -> str:
+    """What the losses averaged over: the triplets the selection kept, or the images (center loss)."""
+    for key, value in record.items():
+        if key.endswith("_trained_on") and value:
+            return f"{int(value)} {key.removesuffix('_trained_on')}"
+    return "-"
+
+
 def markdown_table(records: list[dict]) -> list[str]:
     lines = [
         "| method | settings | seed | LFW 6-10 accuracy (mean ± std, 5 folds) | ROC AUC | TAR @ FAR 1e-2 "
-        "| steps | images seen | train CPU s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| steps | images seen | loss averaged over | train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         final = record["final"]
         lines.append(
             f"| {record['method']} | {settings_text(record)} | {record['seed']} "
             f"| {final['accuracy_mean']:.4f} ± {final['accuracy_std']:.4f} | {final['roc_auc']:.4f} "
-            f"| {final[FAR_KEY + '_mean']:.4f} | {record['steps']} | {record['images']} "
+            f"| {final[FAR_KEY + '_mean']:.4f} | {record['steps']} | {record['images']} | {trained_on(record)} "
             f"| {final['train_cpu_s']:.0f} |"
         )
     return lines
@@ -462,6 +473,7 @@ def seed_summary(records: list[dict]) -> list[str]:
     for (method, settings), group in groups.items():
         if len(group) < 2:
             continue
+        group = sorted(group, key=lambda record: record["seed"])
         accuracies = [record["final"]["accuracy_mean"] for record in group]
         aucs = [record["final"]["roc_auc"] for record in group]
         mean = sum(accuracies) / len(accuracies)
@@ -510,7 +522,9 @@ def plot_curves(records: list[dict], path: Path) -> None:
             title="ResNet-18 from scratch on LFW folds 1-5 identities",
         )
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if start:
+            ax.plot([], [], " ", label="(x = 0: the untrained network)")
+        ax.legend(loc="upper left", fontsize=8)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100, bbox_inches="tight")
     finally:
@@ -555,10 +569,13 @@ def write_report(bench_args, split, records, eval_points, output: Path) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    bench_args = get_args_parser().parse_args(argv)
-    os.chdir(REPO)  # the data path is relative to the repository root
+    parser = get_args_parser()
+    bench_args = parser.parse_args(argv)
     for spec in bench_args.methods:
-        parse_method(spec)  # fail before any work
+        try:
+            parse_method(spec)  # fail before any work
+        except ValueError as error:
+            parser.error(str(error))
     budget = bench_args.budget_seconds
     every = bench_args.eval_every or budget / 2
     eval_points = [round(every * i, 3) for i in range(1, math.ceil(budget / every - 1e-9))] + [budget]
