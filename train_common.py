@@ -672,6 +672,20 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
+def apply_step(task: TrainingTask, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    scaler.scale(loss).backward()
+    for optimizer in task.optimizers:
+        scaler.unscale_(optimizer)
+    task.before_optimizer_step()
+    for optimizer in task.optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in task.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
     def __init__(self, task: TrainingTask, output_dir: Path, validator: LFWValidator | None):
         self.task = task
@@ -820,17 +834,7 @@ class Trainer:
         return loss_sum, count, skipped
 
     def apply_step(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer steps; the scaler is a no-op unless training in fp16."""
-        optimizers = self.task.optimizers
-        self.scaler.scale(loss).backward()
-        for optimizer in optimizers:
-            self.scaler.unscale_(optimizer)
-        self.task.before_optimizer_step()
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        apply_step(self.task, loss, self.scaler)
 
     def finish_epoch(self, epoch: int, loss_sum: float, count: float, skipped: int, seconds: float) -> None:
         completed = epoch + 1

@@ -245,16 +245,6 @@ def images_in(batch) -> int:
     return sum(int(part.shape[0]) for part in batch if getattr(part, "ndim", 0) == 4)
 
 
-def apply_step(task, loss) -> None:
-    """Trainer.apply_step without the gradient scaler (a no-op in fp32)."""
-    loss.backward()
-    task.before_optimizer_step()
-    for optimizer in task.optimizers:
-        optimizer.step()
-    for optimizer in task.optimizers:
-        optimizer.zero_grad(set_to_none=True)
-
-
 def evaluate(task, lfw_dataset) -> dict:
     import eval_metrics
     from validate_on_LFW import evaluate_model_on_lfw
@@ -314,7 +304,7 @@ def train_one(job: dict) -> dict:
         for batch in task.batches(epoch, 0):
             out = task.step(task.train_module, batch)
             if torch.isfinite(out.loss_sum):
-                apply_step(task, out.loss)
+                train_common.apply_step(task, out.loss)
                 loss_sum += float(out.loss_sum)
                 loss_count += float(out.count)
                 trained_on += float(out.count)
