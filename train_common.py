@@ -804,7 +804,7 @@ class Trainer:
                 runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
             ):
                 out = task.step(self.module, batch)
-            # the one sync of a step: every rank must agree whether the step is applied
+            # a sync every step needs (the selection pass adds one more): ranks agree whether to apply it
             nonfinite = (~torch.isfinite(out.loss_sum)).double()
             stats = torch.stack([out.loss_sum.double().nan_to_num(), out.count.double(), nonfinite])
             step_loss_sum, step_count, nonfinite_ranks = all_reduce_sum(stats, runtime).tolist()

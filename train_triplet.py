@@ -13,10 +13,13 @@ Two ways to get triplets:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 import train_common
 from datasets.labelled_faces import LabelledFaceDataset
@@ -28,6 +31,7 @@ from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet
 from train_common import StepOutput, TrainingTask
 
 PREGENERATED_RULES = ("hard", "semihard")
+SELECTION_PASS_DEFAULT = True
 ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
@@ -68,6 +72,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(batch_all learned fastest in benchmarks/bench_learning.py; see README.md)",
     )
     triplets.add_argument(
+        "--selection_pass",
+        action=argparse.BooleanOptionalAction,
+        default=SELECTION_PASS_DEFAULT,
+        help="hard / semihard: choose the triplets with a forward pass without gradients, then run forward "
+        "and backward over the chosen ones only, which saves the backward of the easy triplets; batch "
+        "norm then normalises the training pass with the chosen triplets' statistics (running "
+        "statistics still come from the whole batch). --no-selection_pass: one pass over every triplet "
+        "with the loss masked, as the original",
+    )
+    triplets.add_argument(
         "--num_human_identities_per_batch",
         type=train_common.positive_int,
         default=None,
@@ -86,6 +100,72 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="online mining: K, the images of each identity in a batch",
     )
     return parser
+
+
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def selection_rule(margin: float, rule: str) -> Selector:
+    return lambda anchor, positive, negative: triplet_selection_mask(anchor, positive, negative, margin, rule)
+
+
+def masked_single_pass(
+    module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over anchors, positives and negatives together (``images`` is their
+    concatenation), the loss masked to the selected triplets: no device sync.
+
+    Returns the mean loss over the selected triplets (a zero with a graph when there are none) and
+    their count.
+    """
+    anchor, positive, negative = module(images).chunk(3)
+    mask = select(anchor, positive, negative)
+    return loss_fn(anchor, positive, negative, mask=mask), mask.sum().double()
+
+
+def select_then_train(
+    module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the triplets with a forward pass without gradients (it also updates batch norm's running
+    statistics, from the whole batch as the single pass would), then forward and back-propagate only the
+    chosen triplets, batch norm normalising them with their own statistics and leaving the running ones
+    alone. Costs one device sync (how many were chosen) and saves the backward of every easy triplet.
+
+    Returns what ``masked_single_pass`` returns. With none chosen, the first triplet goes through the
+    training pass with a zero weight, so that every DistributedDataParallel rank runs a backward.
+    """
+    with torch.no_grad():
+        anchor, positive, negative = module(images).chunk(3)
+        chosen = select(anchor, positive, negative).nonzero().squeeze(1)
+    count = chosen.numel()
+    if count == 0:
+        chosen = chosen.new_zeros(1)
+    triplets = images.shape[0] // 3
+    picked = torch.cat([images[part * triplets : (part + 1) * triplets][chosen] for part in range(3)])
+    with running_statistics_frozen(module):
+        anchor, positive, negative = module(picked.contiguous(memory_format=torch.channels_last)).chunk(3)
+    loss = loss_fn(anchor, positive, negative)
+    if count == 0:
+        loss = loss * 0.0
+    return loss, torch.tensor(float(count), dtype=torch.float64, device=images.device)
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(module: nn.Module):
+    """Batch norm layers in training mode normalise with the batch's statistics, as usual, but leave their
+    running statistics (and batch count) untouched."""
+    layers = [
+        layer
+        for layer in module.modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+    ]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
 
 
 class TripletTask(TrainingTask):
@@ -172,14 +252,10 @@ class TripletTask(TrainingTask):
             loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
             count = torch.tensor(float(anchors.numel()), device=device)
         else:
-            # one forward pass over anchors, positives and negatives together
             images = torch.cat(batch).to(device, non_blocking=True, memory_format=torch.channels_last)
-            anchor, positive, negative = module(images).chunk(3)
-            mask = triplet_selection_mask(
-                anchor, positive, negative, self.args.margin, self.args.triplet_selection
-            )
-            loss = self.loss_fn(anchor, positive, negative, mask=mask)
-            count = mask.sum().double()
+            select = selection_rule(self.args.margin, self.args.triplet_selection)
+            step = select_then_train if self.args.selection_pass else masked_single_pass
+            loss, count = step(module, images, select, self.loss_fn)
         return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
 
     def checkpoint_extras(self) -> dict:

@@ -216,7 +216,10 @@ def script_argv(method: str, settings: dict, seed: int, split: dict, output_dir:
         "--output_dir", str(output_dir), "--num_workers", "0", "--seed", str(seed), "--epochs", "100000",
     ]  # fmt: skip
     for key, value in settings.items():
-        argv += [f"--{key}", str(value)]
+        if str(value).lower() in ("true", "false"):  # a boolean flag: --key / --no-key
+            argv.append(f"--{key}" if str(value).lower() == "true" else f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
     return argv
 
 
@@ -411,6 +414,9 @@ def run_jobs(jobs: list[dict], num_jobs: int, reuse: bool) -> list[dict]:
 # --------------------------------------------------------------------------------------------- report
 
 
+UNSHOWN_SETTINGS = ("model", "triplet_selection", "num_triplets_train")  # implied by the method and run
+
+
 def settings_text(record: dict) -> str:
     settings = record["settings"]
     keys = ["image_size", "optimizer", "lr"]
@@ -422,6 +428,7 @@ def settings_text(record: dict) -> str:
         keys += ["margin", "batch_size"]
     else:
         keys += ["margin", "identities_per_batch", "images_per_identity"]
+    keys += [key for key in settings if key not in keys and key not in UNSHOWN_SETTINGS]  # overrides
     shown = {key: settings[key] for key in keys if key in settings}
     if record["method"] == "center":  # the script's defaults, unless overridden
         for key, default in (("logit_scale", 16.0), ("center_loss_weight", 0.007), ("center_loss_lr", 0.5)):

@@ -3,14 +3,21 @@
     python benchmarks/bench_train_speed.py                        # ResNet-34 at 160 px on this machine
     python benchmarks/bench_train_speed.py --device cuda --image_size 160 224 --with_data
 
-"Ours" is the step train_triplet.py runs (TripletTask.step + the Trainer's optimizer step): one forward
-pass over anchors, positives and negatives together, channels_last, mixed precision as --amp auto chooses
-for the device, the selection as a mask (no device sync). "Original" is the seed repository's step: fp32,
-NCHW, three forward passes, hard triplets picked through a numpy round trip, then the loss on them.
+"Original" is the seed repository's step: fp32, NCHW, three forward passes, hard triplets picked through a
+numpy round trip, the loss on them, backward through everything. "Ours" runs train_triplet.py's own step
+functions and the Trainer's apply_step: channels_last, mixed precision as --amp auto chooses for the device,
+one forward pass over anchors, positives and negatives together, and either
+- the loss masked to the hard triplets (--no-selection_pass), or
+- the default selection pass: a forward pass without gradients picks the hard triplets, then forward and
+  backward run over those only. Its cost depends on the share of triplets that are hard, so it is timed at
+  the share the hard rule gives on these inputs and at fixed shares (--hard_shares) like those real runs
+  log (num_triplets in training_log.csv, divided by --num_triplets_train).
 
-Images/s counts every image that went through forward and backward (3 per triplet). With --with_data the
-batches come from a DataLoader over real LFW images (../shared/data/lfw_112) instead of tensors already in
-memory, so the number includes decoding and augmentation; the model-only figure is the ceiling.
+Images/s counts the images of the triplets a step consumes (3 per triplet), trained on or not. The
+compute line prints the FLOPs of forward + backward per image (torch.utils.flop_counter) and the rate of a
+large fp32 matmul on the same threads: their ratio bounds any step that does the original's work.
+With --with_data the one-pass step also runs on batches from a DataLoader over real LFW images
+(../shared/data/lfw_112), loading, decoding and augmenting included; the model-only figure is its ceiling.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,7 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_common  # noqa: E402
-from losses import TripletLoss, triplet_selection_mask  # noqa: E402
+import train_triplet  # noqa: E402
+from losses import TripletLoss  # noqa: E402
 from models import build_model  # noqa: E402
 
 SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_112"
@@ -67,24 +76,43 @@ def real_batches(batch_size: int, image_size: int, count: int, workers: int, tmp
 
 
 class OurStep:
-    def __init__(self, model, device, amp_dtype, margin=0.2):
+    """train_triplet.py's step for pre-generated triplets, through the script's own functions.
+
+    ``hard_fraction`` None: the hard rule decides; a number: that share of each batch's triplets is chosen
+    (the first ones), so that the selection pass can be timed at the shares real training runs see.
+    """
+
+    def __init__(self, model, device, amp_dtype, selection_pass, hard_fraction=None, margin=0.2):
         self.model = model.to(device, memory_format=torch.channels_last)
-        self.device, self.amp_dtype, self.margin = device, amp_dtype, margin
+        self.device, self.amp_dtype = device, amp_dtype
         self.optimizer = train_common.build_optimizer("adagrad", self.model.parameters(), 1e-3)
+        self.task = SimpleNamespace(optimizers=[self.optimizer], before_optimizer_step=lambda: None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.loss_fn = TripletLoss(margin)
+        self.train_step = (
+            train_triplet.select_then_train if selection_pass else train_triplet.masked_single_pass
+        )
+        self.select = (
+            train_triplet.selection_rule(margin, "hard")
+            if hard_fraction is None
+            else first_share(hard_fraction)
+        )
 
     def __call__(self, batch):
         images = torch.cat(batch).to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            anchor, positive, negative = self.model(images).chunk(3)
-            mask = triplet_selection_mask(anchor, positive, negative, self.margin)
-            loss = self.loss_fn(anchor, positive, negative, mask=mask)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+            loss, _ = self.train_step(self.model, images, self.select, self.loss_fn)
+        train_common.apply_step(self.task, loss, self.scaler)
         return loss.detach()
+
+
+def first_share(fraction: float):
+    def select(anchor, positive, negative):
+        mask = torch.zeros(anchor.shape[0], dtype=torch.bool, device=anchor.device)
+        mask[: max(1, round(fraction * anchor.shape[0]))] = True
+        return mask
+
+    return select
 
 
 class OriginalStep:
@@ -144,17 +172,54 @@ def measure_pipeline(step, batches, device, warmup: int) -> float:
     return images / (time.perf_counter() - started)
 
 
+def flops_per_image(model_name: str, image_size: int) -> tuple[float, float]:
+    """FLOPs of (forward + backward, forward alone) per image, counted by torch on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(model_name, 128).train()
+    images = torch.randn(4, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    train = counter.get_total_flops() / 4
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return train, counter.get_total_flops() / 4
+
+
+def matmul_flops_per_second(device, size: int = 4096, repeats: int = 5) -> float:
+    """The best of a few fp32 size x size matmuls: a practical peak for this device and thread count."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="resnet34")
     parser.add_argument("--image_size", type=int, nargs="+", default=[160])
-    parser.add_argument("--batch_size", type=int, default=32, help="triplets per step")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="alternating measurements of each; median kept"
+        "--batch_size", type=int, default=64, help="triplets per step (train_triplet.py's default)"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating measurements of each; median kept"
+    )
+    parser.add_argument(
+        "--hard_shares",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.25, 0.1],
+        help="shares of hard triplets to time the selection pass at",
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=train_common.AMP_CHOICES)
@@ -165,39 +230,66 @@ def main(argv=None):
     device = train_common.resolve_device(args.device)
     amp_dtype = train_common.resolve_amp(args.amp, device)
     workers = args.num_workers if args.num_workers is not None else train_common.usable_workers(16)
+    where = torch.cuda.get_device_name(device) + " GPU" if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else os.cpu_count()} "
-        f"{'GPU' if device.type == 'cuda' else 'CPUs'}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"ours: amp {amp_dtype}, channels_last, one pass; batch {args.batch_size} triplets"
+        f"device {device} ({where}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"ours: amp {amp_dtype}, channels_last; batch {args.batch_size} triplets "
+        f"({3 * args.batch_size} images) a step, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"median of {args.repeats}"
     )
+    peak = matmul_flops_per_second(device)
     print(
-        "| model | px | original img/s | ours img/s | speed-up |"
-        + (" ours with data img/s | of ceiling |" if args.with_data else "")
+        "| model | px | step | hard triplets | img/s | speed-up |"
+        + (" with data img/s | of ceiling |" if args.with_data else "")
     )
-    print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.with_data else ""))
+    print("| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: |" if args.with_data else ""))
     for image_size in args.image_size:
-        torch.manual_seed(0)
-        ours = OurStep(build_model(args.model, 128), device, amp_dtype)
-        original = OriginalStep(build_model(args.model, 128), device)
-        ours_rates, original_rates = [], []
-        count = args.warmup + args.steps
-        for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
-            original_rates.append(
-                measure(original, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
-            )
-            ours_rates.append(
-                measure(ours, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
-            )
-        ours_rate, original_rate = statistics.median(ours_rates), statistics.median(original_rates)
-        row = f"| {args.model} | {image_size} | {original_rate:.1f} | {ours_rate:.1f} | {ours_rate / original_rate:.2f}x |"
-        if args.with_data:
-            import tempfile
+        train_flops, forward_flops = flops_per_image(args.model, image_size)
 
-            with tempfile.TemporaryDirectory() as tmp:
-                batches = real_batches(args.batch_size, image_size, 4 * count, workers, Path(tmp))
-                with_data = measure_pipeline(ours, batches, device, args.warmup)
-            row += f" {with_data:.1f} | {with_data / ours_rate:.2f} |"
-        print(row, flush=True)
+        def build():
+            torch.manual_seed(0)
+            return build_model(args.model, 128)
+
+        steps = {
+            ("original: fp32, NCHW, three passes", "rule"): OriginalStep(build(), device),
+            ("ours, one pass (--no-selection_pass)", "rule"): OurStep(build(), device, amp_dtype, False),
+            ("ours, selection pass (default)", "rule"): OurStep(build(), device, amp_dtype, True),
+        }
+        for share in args.hard_shares:
+            steps[("ours, selection pass (default)", f"{share:.0%}")] = OurStep(
+                build(), device, amp_dtype, True, hard_fraction=share
+            )
+        rates = {key: [] for key in steps}
+        count = args.warmup + args.steps
+        for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
+            for key, step in steps.items():
+                rates[key].append(
+                    measure(step, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
+                )
+        medians = {key: statistics.median(values) for key, values in rates.items()}
+        original_rate = next(iter(medians.values()))
+        one_pass_key = next(key for key in steps if "one pass" in key[0])
+        for key, rate in medians.items():
+            row = f"| {args.model} | {image_size} | {key[0]} | {key[1]} | {rate:.1f} | {rate / original_rate:.2f}x |"
+            if args.with_data and key == one_pass_key:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    batches = real_batches(args.batch_size, image_size, 4 * count, workers, Path(tmp))
+                    with_data = measure_pipeline(steps[key], batches, device, args.warmup)
+                row += f" {with_data:.1f} | {with_data / rate:.2f} |"
+            elif args.with_data:
+                row += " | |"
+            print(row, flush=True)
+        print(
+            f"compute at {image_size} px: {train_flops / 1e9:.2f} GFLOP per image forward + backward "
+            f"({forward_flops / 1e9:.2f} forward alone); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, so a "
+            f"step doing the original's work cannot pass {peak / train_flops:.1f} img/s = "
+            f"{peak / train_flops / original_rate:.2f}x the original, which reached "
+            f"{original_rate * train_flops / peak:.0%} of that peak and the one pass "
+            f"{medians[one_pass_key] * train_flops / peak:.0%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -76,16 +76,19 @@ def test_resume_gives_the_same_weights_as_training_straight_through(tiny_demo_da
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
 
 
-@pytest.mark.parametrize("selection", ["semihard", "batch_hard", "batch_all"])
+@pytest.mark.parametrize("selection", ["hard-single-pass", "semihard", "batch_hard", "batch_all"])
 def test_other_selection_rules_train(tiny_demo_data, tmp_path, selection):
-    extra = ["--epochs", "1", "--triplet_selection", selection]
+    extra = ["--epochs", "1", "--triplet_selection", selection.removesuffix("-single-pass")]
+    if selection.endswith("-single-pass"):
+        extra.append("--no-selection_pass")
     if selection.startswith("batch"):
         extra += ["--identities_per_batch", "4", "--images_per_identity", "3"]
     assert run_main(triplet_args(tiny_demo_data, tmp_path / selection, *extra)) == 0
     checkpoint = torch.load(
         tmp_path / selection / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
     )
-    assert checkpoint["args"]["triplet_selection"] == selection
+    assert checkpoint["args"]["triplet_selection"] == selection.removesuffix("-single-pass")
+    assert checkpoint["args"]["selection_pass"] is not selection.endswith("-single-pass")
     assert checkpoint["history"]["epochs"] == [1]
 
 
@@ -233,3 +236,87 @@ def test_demo_defaults_apply_only_to_flags_not_given():
     assert (plain.model, plain.image_size, plain.num_triplets_train) == ("resnet34", 160, 1_100_000)
     with pytest.raises(SystemExit):
         train_common.parse_args(train_triplet.get_args_parser(), ["--lfw", "y"], {})  # --dataroot missing
+
+
+# ----- the two ways through a step of pre-generated triplets
+
+
+class _NoBatchNorm(torch.nn.Module):
+    """An embedding network whose samples do not interact, so the two ways must agree exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
+        self.head = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.head(self.body(x)), dim=1)
+
+
+def _fixed_choice(chosen):
+    return lambda anchor, positive, negative: torch.tensor(chosen)
+
+
+def _gradients(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize(
+    "select",
+    [_fixed_choice([True, False, True, False, False, True]), train_triplet.selection_rule(0.2, "hard")],
+    ids=["fixed", "hard-rule"],
+)
+def test_select_then_train_equals_the_masked_pass_when_samples_do_not_interact(select):
+    torch.manual_seed(0)
+    model = _NoBatchNorm().double()  # float64, so summation order cannot hide a real difference
+    twin = _NoBatchNorm().double()
+    twin.load_state_dict(model.state_dict())
+    images = torch.randn(18, 3, 8, 8, dtype=torch.float64)
+    loss_fn = train_triplet.TripletLoss(margin=0.2)
+
+    loss, count = train_triplet.masked_single_pass(model, images, select, loss_fn)
+    loss.backward()
+    twin_loss, twin_count = train_triplet.select_then_train(twin, images, select, loss_fn)
+    twin_loss.backward()
+
+    assert count.item() == twin_count.item() > 0
+    torch.testing.assert_close(twin_loss, loss, rtol=1e-12, atol=1e-12)
+    for ours, reference in zip(_gradients(twin), _gradients(model), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_select_then_train_updates_running_statistics_once_from_the_whole_batch():
+    torch.manual_seed(0)
+    from models import build_model
+
+    model = build_model("resnet18", 16).train()
+    reference = build_model("resnet18", 16).train()
+    reference.load_state_dict(model.state_dict())
+    images = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        reference(images)  # what the single pass does to the running statistics
+
+    loss, count = train_triplet.select_then_train(
+        model, images, _fixed_choice([True, False, False, True]), train_triplet.TripletLoss(0.2)
+    )
+    loss.backward()
+    assert count.item() == 2
+    buffers = dict(reference.named_buffers())
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert layers and all(layer.track_running_stats for layer in layers)
+
+
+def test_select_then_train_with_no_triplet_chosen_still_back_propagates_zero():
+    torch.manual_seed(0)
+    model = _NoBatchNorm()
+    images = torch.randn(12, 3, 8, 8)
+    loss, count = train_triplet.select_then_train(
+        model, images, _fixed_choice([False] * 4), train_triplet.TripletLoss(0.2)
+    )
+    loss.backward()  # every DDP rank must run a backward, chosen triplets or not
+    assert count.item() == 0 and loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in _gradients(model))
