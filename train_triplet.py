@@ -31,7 +31,7 @@ from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet
 from train_common import StepOutput, TrainingTask
 
 PREGENERATED_RULES = ("hard", "semihard")
-SELECTION_PASS_DEFAULT = True
+SELECTION_PASS_DEFAULT = False
 ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
@@ -76,10 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=SELECTION_PASS_DEFAULT,
         help="hard / semihard: choose the triplets with a forward pass without gradients, then run forward "
-        "and backward over the chosen ones only, which saves the backward of the easy triplets; batch "
-        "norm then normalises the training pass with the chosen triplets' statistics (running "
-        "statistics still come from the whole batch). --no-selection_pass: one pass over every triplet "
-        "with the loss masked, as the original",
+        "and backward over the chosen ones only, which skips the backward of the easy triplets (faster "
+        "once fewer than about 2/3 are hard); batch norm then normalises the training pass with the "
+        "chosen triplets' own statistics, which learned less per step in benchmarks/bench_learning.py. "
+        "Default: one pass over every triplet with the loss masked to the chosen ones, as the original",
     )
     triplets.add_argument(
         "--num_human_identities_per_batch",

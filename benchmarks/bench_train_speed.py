@@ -7,11 +7,12 @@
 numpy round trip, the loss on them, backward through everything. "Ours" runs train_triplet.py's own step
 functions and the Trainer's apply_step: channels_last, mixed precision as --amp auto chooses for the device,
 one forward pass over anchors, positives and negatives together, and either
-- the loss masked to the hard triplets (--no-selection_pass), or
-- the default selection pass: a forward pass without gradients picks the hard triplets, then forward and
-  backward run over those only. Its cost depends on the share of triplets that are hard, so it is timed at
-  the share the hard rule gives on these inputs and at fixed shares (--hard_shares) like those real runs
-  log (num_triplets in training_log.csv, divided by --num_triplets_train).
+- the loss masked to the hard triplets (the default), or
+- --selection_pass: a forward pass without gradients picks the hard triplets, then forward and backward
+  run over those only. Its cost depends on the share of triplets that are hard, so it is timed at
+  fixed shares (--hard_shares) like those real runs log (num_triplets in training_log.csv divided by
+  --num_triplets_train), and at the share the hard rule keeps on these synthetic inputs (printed, over
+  the timed steps; the same batch is trained on again and again, so that share soon falls).
 
 Images/s counts the images of the triplets a step consumes (3 per triplet), trained on or not. The
 compute line prints the FLOPs of forward + backward per image (torch.utils.flop_counter) and the rate of a
@@ -23,6 +24,7 @@ With --with_data the one-pass step also runs on batches from a DataLoader over r
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -89,6 +91,7 @@ class OurStep:
         self.task = SimpleNamespace(optimizers=[self.optimizer], before_optimizer_step=lambda: None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.loss_fn = TripletLoss(margin)
+        self.chosen, self.offered = torch.zeros((), dtype=torch.float64, device=device), 0
         self.train_step = (
             train_triplet.select_then_train if selection_pass else train_triplet.masked_single_pass
         )
@@ -101,7 +104,9 @@ class OurStep:
     def __call__(self, batch):
         images = torch.cat(batch).to(self.device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, _ = self.train_step(self.model, images, self.select, self.loss_fn)
+            loss, chosen = self.train_step(self.model, images, self.select, self.loss_fn)
+        self.chosen += chosen  # no sync: read once, after the measurements
+        self.offered += images.shape[0] // 3
         train_common.apply_step(self.task, loss, self.scaler)
         return loss.detach()
 
@@ -147,6 +152,9 @@ def measure(step, batches, device, warmup: int) -> float:
     """Images/s over the batches after ``warmup``, timed to the device's completion."""
     seconds, images = [], 0
     for index, batch in enumerate(batches):
+        if index == warmup and isinstance(step, OurStep):
+            step.chosen.zero_()  # the share of hard triplets over the timed steps only
+            step.offered = 0
         synchronize(device)
         started = time.perf_counter()
         step(batch)
@@ -246,37 +254,48 @@ def main(argv=None):
     for image_size in args.image_size:
         train_flops, forward_flops = flops_per_image(args.model, image_size)
 
-        def build():
-            torch.manual_seed(0)
-            return build_model(args.model, 128)
-
-        steps = {
-            ("original: fp32, NCHW, three passes", "rule"): OriginalStep(build(), device),
-            ("ours, one pass (--no-selection_pass)", "rule"): OurStep(build(), device, amp_dtype, False),
-            ("ours, selection pass (default)", "rule"): OurStep(build(), device, amp_dtype, True),
+        makers = {
+            ("original: fp32, NCHW, three passes", "rule"): lambda model: OriginalStep(model, device),
+            ("ours, one pass (default)", "rule"): lambda model: OurStep(model, device, amp_dtype, False),
+            ("ours, selection pass (--selection_pass)", "rule"): lambda model: OurStep(
+                model, device, amp_dtype, True
+            ),
         }
         for share in args.hard_shares:
-            steps[("ours, selection pass (default)", f"{share:.0%}")] = OurStep(
-                build(), device, amp_dtype, True, hard_fraction=share
+            makers[("ours, selection pass (--selection_pass)", f"{share:.0%}")] = lambda model, share=share: (
+                OurStep(model, device, amp_dtype, True, hard_fraction=share)
             )
-        rates = {key: [] for key in steps}
+        rates = {key: [] for key in makers}
+        shares: dict[tuple, str] = {}
         count = args.warmup + args.steps
         for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
-            for key, step in steps.items():
-                rates[key].append(
-                    measure(step, synthetic_batches(args.batch_size, image_size, count), device, args.warmup)
-                )
+            for key, make in makers.items():
+                # one model alive at a time, built afresh from the same seed, so that no step runs
+                # beside the memory of the others
+                torch.manual_seed(0)
+                step = make(build_model(args.model, 128))
+                batches = synthetic_batches(args.batch_size, image_size, count)
+                rates[key].append(measure(step, batches, device, args.warmup))
+                if key[1] == "rule" and isinstance(step, OurStep):  # what the rule kept while timed
+                    shares[key] = f"rule: {step.chosen.item() / step.offered:.0%}"
+                if args.with_data and "one pass" in key[0]:
+                    with_data_step = step
+                del step
+                gc.collect()
         medians = {key: statistics.median(values) for key, values in rates.items()}
         original_rate = next(iter(medians.values()))
-        one_pass_key = next(key for key in steps if "one pass" in key[0])
+        one_pass_key = next(key for key in makers if "one pass" in key[0])
         for key, rate in medians.items():
-            row = f"| {args.model} | {image_size} | {key[0]} | {key[1]} | {rate:.1f} | {rate / original_rate:.2f}x |"
+            row = (
+                f"| {args.model} | {image_size} | {key[0]} | {shares.get(key, key[1])} | {rate:.1f} "
+                f"| {rate / original_rate:.2f}x |"
+            )
             if args.with_data and key == one_pass_key:
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as tmp:
                     batches = real_batches(args.batch_size, image_size, 4 * count, workers, Path(tmp))
-                    with_data = measure_pipeline(steps[key], batches, device, args.warmup)
+                    with_data = measure_pipeline(with_data_step, batches, device, args.warmup)
                 row += f" {with_data:.1f} | {with_data / rate:.2f} |"
             elif args.with_data:
                 row += " | |"

@@ -76,23 +76,24 @@ def test_resume_gives_the_same_weights_as_training_straight_through(tiny_demo_da
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
 
 
-@pytest.mark.parametrize("selection", ["hard-single-pass", "semihard", "batch_hard", "batch_all"])
+@pytest.mark.parametrize("selection", ["hard-selection-pass", "semihard", "batch_hard", "batch_all"])
 def test_other_selection_rules_train(tiny_demo_data, tmp_path, selection):
-    extra = ["--epochs", "1", "--triplet_selection", selection.removesuffix("-single-pass")]
-    if selection.endswith("-single-pass"):
-        extra.append("--no-selection_pass")
+    extra = ["--epochs", "1", "--triplet_selection", selection.removesuffix("-selection-pass")]
+    if selection.endswith("-selection-pass"):
+        extra.append("--selection_pass")
     if selection.startswith("batch"):
         extra += ["--identities_per_batch", "4", "--images_per_identity", "3"]
     assert run_main(triplet_args(tiny_demo_data, tmp_path / selection, *extra)) == 0
     checkpoint = torch.load(
         tmp_path / selection / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
     )
-    assert checkpoint["args"]["triplet_selection"] == selection.removesuffix("-single-pass")
-    assert checkpoint["args"]["selection_pass"] is not selection.endswith("-single-pass")
+    assert checkpoint["args"]["triplet_selection"] == selection.removesuffix("-selection-pass")
+    assert checkpoint["args"]["selection_pass"] is selection.endswith("-selection-pass")
     assert checkpoint["history"]["epochs"] == [1]
 
 
-def test_two_processes_with_gloo(tiny_demo_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--selection_pass"]], ids=["one-pass", "selection-pass"])
+def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra):
     output_dir = tmp_path / "ddp"
     command = [
         sys.executable,
@@ -102,7 +103,7 @@ def test_two_processes_with_gloo(tiny_demo_data, tmp_path):
         "--nproc_per_node",
         "2",
         "train_triplet.py",
-        *(str(a) for a in triplet_args(tiny_demo_data, output_dir, "--epochs", "1")),
+        *(str(a) for a in triplet_args(tiny_demo_data, output_dir, "--epochs", "1", *extra)),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
