@@ -31,7 +31,6 @@ from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet
 from train_common import StepOutput, TrainingTask
 
 PREGENERATED_RULES = ("hard", "semihard")
-SELECTION_PASS_DEFAULT = False
 ONLINE_RULES = ("batch_hard", "batch_all")
 
 # small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
@@ -74,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     triplets.add_argument(
         "--selection_pass",
         action=argparse.BooleanOptionalAction,
-        default=SELECTION_PASS_DEFAULT,
+        default=False,
         help="hard / semihard: choose the triplets with a forward pass without gradients, then run forward "
         "and backward over the chosen ones only, which skips the backward of the easy triplets (faster "
         "once fewer than about 2/3 are hard); batch norm then normalises the training pass with the "
