@@ -15,17 +15,16 @@ once. Photos should be aligned face crops like the training data; nothing here d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from devices import resolve_device
 from errors import InputError, report_input_errors
+from fileio import atomic_write
 from inference import FaceEmbedder, distance, load_checkpoint
-from train_common import resolve_device
 
 CSV_COLUMNS = ("image1", "image2")
 
@@ -139,18 +138,6 @@ def compare_pairs_csv(embedder: FaceEmbedder, args, threshold: float) -> pd.Data
     )
 
 
-def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, newline="") as handle:
-        try:
-            table.to_csv(handle, index=False, float_format="%.6f")
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
-
-
 def run(args) -> None:
     check_args(args)
     if args.pairs_csv is None:
@@ -166,7 +153,8 @@ def run(args) -> None:
         print(f"distance {pair_distance:.4f} threshold {threshold:.4f} {label}")
         return
     results = compare_pairs_csv(embedder, args, threshold)
-    write_csv_atomic(results, args.output_csv)
+    with atomic_write(args.output_csv, "w", newline="") as handle:
+        results.to_csv(handle, index=False, float_format="%.6f")
     num_same = int(results["same"].sum())
     print(f"wrote {len(results)} pairs to {args.output_csv} ({num_same} same, threshold {threshold:.4f})")
 

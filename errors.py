@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from numbers import Integral
 
 
 class InputError(ValueError):
     """A problem with the user's files or arguments, described in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def one_line(error: Exception) -> str:
@@ -26,6 +33,14 @@ def one_line(error: Exception) -> str:
         prefix, _, message = lines[-1].partition(": ")
         return message if prefix.endswith("InputError") else lines[-1]
     return " ".join(lines)
+
+
+def require_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int when it is an integer (not a bool) of at least ``minimum``; else an InputError."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InputError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
 
 
 def report_input_errors(body: Callable[[], object]) -> int:

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import train_common
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.transforms import train_transform
 from errors import InputError
 from losses import CenterLoss
-from train_common import StepOutput, TrainingTask
+from training.builders import build_embedding_model, build_optimizer
+from training.cli import base_parser, parse_args, positive_float, run_script
+from training.data import ShardSampler, ensure_dataset_csv, make_loader
+from training.engine import StepOutput, TrainingTask, run_training
+from training.runtime import Runtime, epoch_seed
 
 DEMO_DEFAULTS = {
     "epochs": 3,
@@ -33,26 +36,26 @@ DEMO_DEFAULTS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = train_common.base_parser(
+    parser = base_parser(
         "Train a face-embedding model with cross-entropy + center loss; validate on LFW each epoch.",
         default_output_name="center",
     )
     center = parser.add_argument_group("center loss")
     center.add_argument(
         "--center_loss_lr",
-        type=train_common.positive_float,
+        type=positive_float,
         default=0.5,
         help="learning rate of the centers (SGD)",
     )
     center.add_argument(
         "--center_loss_weight",
-        type=train_common.positive_float,
+        type=positive_float,
         default=0.007,
         help="weight of the center loss in the total loss",
     )
     center.add_argument(
         "--logit_scale",
-        type=train_common.positive_float,
+        type=positive_float,
         default=16.0,
         help="the classifier sees the unit-norm embedding times this (1 = the original, which learns slowly)",
     )
@@ -77,19 +80,19 @@ class CenterTask(TrainingTask):
     name = "center"
     count_name = "images"
 
-    def __init__(self, args: argparse.Namespace, runtime: train_common.Runtime):
+    def __init__(self, args: argparse.Namespace, runtime: Runtime):
         super().__init__(args, runtime)
-        csv_path = train_common.ensure_dataset_csv(args, runtime)
+        csv_path = ensure_dataset_csv(args, runtime)
         self.dataset = LabelledFaceDataset(
             args.dataroot, csv_path, transform=train_transform(args.image_size)
         )
         self.num_classes = self.dataset.num_classes
         self.num_steps = -(-(len(self.dataset) // runtime.world_size) // args.batch_size)
-        self.model = train_common.build_embedding_model(args, runtime, num_classes=self.num_classes)
+        self.model = build_embedding_model(args, runtime.device, num_classes=self.num_classes)
         self.center_loss = CenterLoss(self.num_classes, args.embedding_dim).to(runtime.device)
-        self.train_module = CenterLossModule(self.model, self.center_loss, args.logit_scale)
+        self.step_module = CenterLossModule(self.model, self.center_loss, args.logit_scale)
         self.optimizers = [
-            train_common.build_optimizer(args.optimizer, self.model.parameters(), args.lr),
+            build_optimizer(args.optimizer, self.model.parameters(), args.lr),
             torch.optim.SGD(self.center_loss.parameters(), lr=args.center_loss_lr),
         ]
 
@@ -98,23 +101,21 @@ class CenterTask(TrainingTask):
 
     def batches(self, epoch: int, start_step: int):
         args, runtime = self.args, self.runtime
-        sampler = train_common.ShardSampler(
+        sampler = ShardSampler(
             len(self.dataset),
             runtime.rank,
             runtime.world_size,
             start=start_step * args.batch_size,
             shuffle=True,
-            seed=train_common.epoch_seed(args.seed, epoch),
+            seed=epoch_seed(args.seed, epoch),
         )
-        return train_common.make_loader(
-            self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size
-        )
+        return make_loader(self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
 
-    def step(self, module, batch) -> StepOutput:
+    def step(self, step_module, batch) -> StepOutput:
         images, labels = batch
         images = images.to(self.runtime.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(self.runtime.device, non_blocking=True)
-        logits, center_loss = module(images, labels)
+        logits, center_loss = step_module(images, labels)
         loss = F.cross_entropy(logits.float(), labels) + self.args.center_loss_weight * center_loss
         count = torch.tensor(float(labels.numel()), device=labels.device)
         return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
@@ -146,10 +147,10 @@ class CenterTask(TrainingTask):
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        args = train_common.parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
-        return train_common.run_training(args, CenterTask)
+        args = parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
+        return run_training(args, CenterTask)
 
-    return train_common.run_script(body, argv)
+    return run_script(body, argv)
 
 
 if __name__ == "__main__":

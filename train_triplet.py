@@ -21,14 +21,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import train_common
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.samplers import PKBatchSampler
 from datasets.transforms import train_transform
 from datasets.triplet_dataset import TripletFaceDataset
 from errors import InputError
 from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
-from train_common import StepOutput, TrainingTask
+from training.builders import build_embedding_model, build_optimizer
+from training.cli import base_parser, parse_args, positive_float, positive_int, run_script
+from training.data import ShardSampler, SkipBatches, ensure_dataset_csv, make_loader
+from training.engine import StepOutput, TrainingTask, run_training
+from training.runtime import Runtime
 
 PREGENERATED_RULES = ("hard", "semihard")
 ONLINE_RULES = ("batch_hard", "batch_all")
@@ -42,14 +45,14 @@ DEMO_DEFAULTS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = train_common.base_parser(
+    parser = base_parser(
         "Train a face-embedding model with triplet loss; validate on LFW after each epoch.",
         default_output_name="triplet",
     )
     triplets = parser.add_argument_group("triplets")
     triplets.add_argument(
         "--num_triplets_train",
-        type=train_common.positive_int,
+        type=positive_int,
         default=1_100_000,
         help="triplets per epoch (online mining: an epoch has as many steps as these triplets would)",
     )
@@ -59,9 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="a triplets .npy written by an earlier run, used for every epoch instead of new random triplets",
     )
-    triplets.add_argument(
-        "--margin", type=train_common.positive_float, default=0.2, help="triplet loss margin"
-    )
+    triplets.add_argument("--margin", type=positive_float, default=0.2, help="triplet loss margin")
     triplets.add_argument(
         "--triplet_selection",
         choices=PREGENERATED_RULES + ONLINE_RULES,
@@ -82,19 +83,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     triplets.add_argument(
         "--num_human_identities_per_batch",
-        type=train_common.positive_int,
+        type=positive_int,
         default=None,
         help="pre-generated triplets: draw each batch's triplets from this many identities (default: any)",
     )
     triplets.add_argument(
         "--identities_per_batch",
-        type=train_common.positive_int,
+        type=positive_int,
         default=16,
         help="online mining: P, the identities in a batch",
     )
     triplets.add_argument(
         "--images_per_identity",
-        type=train_common.positive_int,
+        type=positive_int,
         default=4,
         help="online mining: K, the images of each identity in a batch",
     )
@@ -109,7 +110,7 @@ def selection_rule(margin: float, rule: str) -> Selector:
 
 
 def masked_single_pass(
-    module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
+    step_module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over anchors, positives and negatives together (``images`` is their
     concatenation), the loss masked to the selected triplets: no device sync.
@@ -117,13 +118,13 @@ def masked_single_pass(
     Returns the mean loss over the selected triplets (a zero with a graph when there are none) and
     their count.
     """
-    anchor, positive, negative = module(images).chunk(3)
+    anchor, positive, negative = step_module(images).chunk(3)
     mask = select(anchor, positive, negative)
     return loss_fn(anchor, positive, negative, mask=mask), mask.sum().double()
 
 
 def select_then_train(
-    module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
+    step_module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the triplets with a forward pass without gradients (it also updates batch norm's running
     statistics, from the whole batch as the single pass would), then forward and back-propagate only the
@@ -134,15 +135,17 @@ def select_then_train(
     training pass with a zero weight, so that every DistributedDataParallel rank runs a backward.
     """
     with torch.no_grad():
-        anchor, positive, negative = module(images).chunk(3)
+        anchor, positive, negative = step_module(images).chunk(3)
         chosen = select(anchor, positive, negative).nonzero().squeeze(1)
     count = chosen.numel()
     if count == 0:
         chosen = chosen.new_zeros(1)
     triplets = images.shape[0] // 3
     picked = torch.cat([images[part * triplets : (part + 1) * triplets][chosen] for part in range(3)])
-    with running_statistics_frozen(module):
-        anchor, positive, negative = module(picked.contiguous(memory_format=torch.channels_last)).chunk(3)
+    with running_statistics_frozen(step_module):
+        anchor, positive, negative = step_module(picked.contiguous(memory_format=torch.channels_last)).chunk(
+            3
+        )
     loss = loss_fn(anchor, positive, negative)
     if count == 0:
         loss = loss * 0.0
@@ -171,10 +174,10 @@ class TripletTask(TrainingTask):
     name = "triplet"
     count_name = "triplets"
 
-    def __init__(self, args: argparse.Namespace, runtime: train_common.Runtime):
+    def __init__(self, args: argparse.Namespace, runtime: Runtime):
         super().__init__(args, runtime)
         self.online = args.triplet_selection in ONLINE_RULES
-        csv_path = train_common.ensure_dataset_csv(args, runtime)
+        csv_path = ensure_dataset_csv(args, runtime)
         transform = train_transform(args.image_size)
         images_per_step = (
             args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
@@ -200,9 +203,9 @@ class TripletTask(TrainingTask):
                     f"{len(self.dataset)} triplets are fewer than the {runtime.world_size} processes"
                 )
             self.num_steps = math.ceil((len(self.dataset) // runtime.world_size) / args.batch_size)
-        self.model = train_common.build_embedding_model(args, runtime)
-        self.train_module = self.model
-        self.optimizers = [train_common.build_optimizer(args.optimizer, self.model.parameters(), args.lr)]
+        self.model = build_embedding_model(args, runtime.device)
+        self.step_module = self.model
+        self.optimizers = [build_optimizer(args.optimizer, self.model.parameters(), args.lr)]
         self.loss_fn = TripletLoss(margin=args.margin)
 
     def steps_per_epoch(self) -> int:
@@ -221,28 +224,26 @@ class TripletTask(TrainingTask):
                 world_size=runtime.world_size,
             )
             sampler.set_epoch(epoch)
-            return train_common.make_loader(
+            return make_loader(
                 self.dataset,
                 args,
                 runtime,
                 epoch,
-                batch_sampler=train_common.SkipBatches(sampler, start_step),
+                batch_sampler=SkipBatches(sampler, start_step),
             )
         if args.training_triplets_path is None and epoch > 0:
             # new random triplets every epoch, reproducible from (seed, epoch)
             self.dataset.set_epoch(epoch)
-        sampler = train_common.ShardSampler(
+        sampler = ShardSampler(
             len(self.dataset), runtime.rank, runtime.world_size, start=start_step * args.batch_size
         )
-        return train_common.make_loader(
-            self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size
-        )
+        return make_loader(self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
 
-    def step(self, module, batch) -> StepOutput:
+    def step(self, step_module, batch) -> StepOutput:
         device = self.runtime.device
         if self.online:
             images, labels = batch
-            embeddings = module(images.to(device, non_blocking=True, memory_format=torch.channels_last))
+            embeddings = step_module(images.to(device, non_blocking=True, memory_format=torch.channels_last))
             labels = labels.to(device, non_blocking=True)
             if self.args.triplet_selection == "batch_hard":
                 anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
@@ -254,7 +255,7 @@ class TripletTask(TrainingTask):
             images = torch.cat(batch).to(device, non_blocking=True, memory_format=torch.channels_last)
             select = selection_rule(self.args.margin, self.args.triplet_selection)
             step = select_then_train if self.args.selection_pass else masked_single_pass
-            loss, count = step(module, images, select, self.loss_fn)
+            loss, count = step(step_module, images, select, self.loss_fn)
         return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
 
     def checkpoint_extras(self) -> dict:
@@ -263,14 +264,14 @@ class TripletTask(TrainingTask):
 
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
-        args = train_common.parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
+        args = parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
         if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
             raise InputError(
                 "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
             )
-        return train_common.run_training(args, TripletTask)
+        return run_training(args, TripletTask)
 
-    return train_common.run_script(body, argv)
+    return run_script(body, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,7 @@
 """Evaluate a face-embedding checkpoint on the LFW verification pairs.
 
-Each unique LFW image is embedded once (7,701 forward passes for the standard 6,000 pairs, not 12,000),
-pair distances are computed from the stored embeddings, and `eval_metrics.evaluate_lfw` runs the ten-fold
-protocol. The training scripts import `evaluate_model_on_lfw` (and `embed_dataset` / `pair_distances`);
-as a command it evaluates a checkpoint of any layout `inference.load_checkpoint` reads:
+The embedding and the ten-fold protocol are `verification.evaluate_model_on_lfw`, the same code the training
+scripts validate with; this command evaluates a checkpoint of any layout `inference.load_checkpoint` reads:
 
     python validate_on_LFW.py --model_path model_resnet34_triplet.pt \\
         --lfw ../shared/data/lfw_112 --lfw_pairs ../shared/data/lfw_pairs.txt
@@ -16,101 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import eval_metrics
+import plots
+from datasets.lfw_dataset import LFWDataset
+from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
-from inference import LoadedModel, embed_images, load_checkpoint
-from train_common import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
-
-
-def embed_dataset(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    flip: bool = False,
-    progress: bool = True,
-) -> torch.Tensor:
-    """(N, D) float32 CPU embeddings of every item of ``loader.dataset``; row i belongs to item i.
-
-    The loader yields ``(images, indices)``, so any sampler order (or a distributed split) lands in the
-    right rows. The model runs in eval mode and gets its previous mode back afterwards.
-    """
-    device = torch.device(device)
-    num_items = len(loader.dataset)
-    embeddings: torch.Tensor | None = None
-    filled = torch.zeros(num_items, dtype=torch.bool)
-    was_training = model.training
-    model.eval()
-    try:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-        ):
-            for images, indices in tqdm(loader, desc="embedding LFW", unit="batch", disable=not progress):
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                batch_embeddings = embed_images(model, images, flip).cpu()
-                if embeddings is None:
-                    embeddings = torch.empty(num_items, batch_embeddings.shape[1], dtype=torch.float32)
-                embeddings[indices] = batch_embeddings
-                filled[indices] = True
-    finally:
-        model.train(was_training)
-    if embeddings is None or not bool(filled.all()):
-        missing = num_items - int(filled.sum())
-        raise RuntimeError(f"the loader yielded no embeddings for {missing} of {num_items} dataset items")
-    return embeddings
-
-
-def pair_distances(embeddings, pairs) -> np.ndarray:
-    """float64 Euclidean distance of each pair; `pairs` is (num_pairs, 2) row indices into `embeddings`."""
-    if isinstance(embeddings, torch.Tensor):
-        embeddings = embeddings.detach().cpu().numpy()
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    pairs = np.asarray(pairs, dtype=np.int64)
-    if pairs.ndim != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs must have shape (num_pairs, 2), got {pairs.shape}")
-    return np.linalg.norm(embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]], axis=1)
-
-
-def evaluate_model_on_lfw(
-    model: nn.Module,
-    dataset,
-    device: torch.device,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    flip: bool = False,
-    progress: bool = True,
-) -> tuple[eval_metrics.LFWMetrics, np.ndarray]:
-    """LFW metrics and per-pair distances of `model` on an `LFWDataset` (its `pairs` and `issame`)."""
-    device = torch.device(device)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    embeddings = embed_dataset(model, loader, device, amp_dtype=amp_dtype, flip=flip, progress=progress)
-    distances = pair_distances(embeddings, dataset.pairs)
-    num_folds = getattr(dataset, "num_folds", 10)
-    if num_folds < 2:  # a pairs file without a header has no folds of its own: ten consecutive blocks
-        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=10)
-    else:  # the file's own folds, which stay the official ones when pairs with missing images were dropped
-        fold_ids = getattr(dataset, "fold_of_pair", None)
-        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds, fold_ids=fold_ids)
-    return metrics, distances
+from fileio import write_json_atomic
+from inference import LoadedModel, load_checkpoint
+from verification import evaluate_model_on_lfw
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -182,20 +98,6 @@ def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> 
         )
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    """Write JSON to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        try:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
-
-
 def lfw_report(
     loaded: LoadedModel, args, metrics: eval_metrics.LFWMetrics, dataset, device, amp_dtype
 ) -> dict:
@@ -224,10 +126,6 @@ def lfw_report(
 
 def run(args) -> dict:
     """Evaluate `args.model_path` on LFW, print the table, write JSON and plot; returns the JSON data."""
-    # imported here so that training scripts importing this module do not pay for matplotlib / PIL folders
-    import plots
-    from datasets.lfw_dataset import LFWDataset
-
     for flag, path, kind in (("--lfw", args.lfw, "folder"), ("--lfw_pairs", args.lfw_pairs, "file")):
         if not (path.is_dir() if kind == "folder" else path.is_file()):
             raise InputError(f"{flag}: {kind} not found: {path}")

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from datasets import align_dataset
+from devices import available_cpus
 
 PHOTO_SIZES = [
     (640, 480),
@@ -165,7 +166,7 @@ def main(argv=None):
     print(
         f"{len(truth)} photos in {elapsed:.2f} s: {len(truth) / elapsed:.1f} photos/s wall, {cpu_used / len(truth) * 1000:.0f} ms CPU per photo"
     )
-    cores = align_dataset.available_cpus()
+    cores = available_cpus()
     print(
         f"this run had {cpu_used / elapsed:.2f} of {cores} cores; with all {cores} free (CPU time bound): "
         f"~{cores * len(truth) / cpu_used:.1f} photos/s"

@@ -8,7 +8,7 @@
 Protocol. LFW's ten folds are identity-disjoint. The models train on every image in lfw_112 of the identities
 that appear in folds 1-5 of lfw_pairs.txt (a folder of symlinks under --work_dir, listed by generate_csv) and
 are evaluated on the 3,000 pairs of folds 6-10, in file order, with the repository's own evaluation
-(validate_on_LFW.evaluate_model_on_lfw -> eval_metrics.evaluate_lfw with five folds). The script checks that no
+(verification.evaluate_model_on_lfw -> eval_metrics.evaluate_lfw with five folds). The script checks that no
 identity is on both sides.
 
 Methods, all ResNet-18 from scratch with the same augmentation (datasets.transforms.train_transform):
@@ -20,8 +20,8 @@ Methods, all ResNet-18 from scratch with the same augmentation (datasets.transfo
 A method name may carry overrides of any flag of its training script: `batch_hard:margin=0.5,lr=3e-3`.
 
 The real code is driven, not re-implemented: each run parses its flags with the script's own
-`get_args_parser()`, builds `TripletTask` / `CenterTask` on `train_common.Runtime(cpu)`, iterates
-`task.batches(epoch, 0)` and applies `task.step` exactly as `train_common.Trainer` does (backward,
+`get_args_parser()`, builds `TripletTask` / `CenterTask` on `training.runtime.Runtime(cpu)`, iterates
+`task.batches(epoch, 0)` and applies `task.step` exactly as `training.engine.Trainer` does (backward,
 `task.before_optimizer_step()`, optimizer steps, zero_grad).
 
 Fair budget. The machine is shared, so wall time is unfair between runs. Every run gets the same budget of
@@ -250,7 +250,7 @@ def images_in(batch) -> int:
 
 def evaluate(task, lfw_dataset) -> dict:
     import eval_metrics
-    from validate_on_LFW import evaluate_model_on_lfw
+    from verification import evaluate_model_on_lfw
 
     metrics, _ = evaluate_model_on_lfw(
         task.model, lfw_dataset, task.runtime.device, batch_size=128, num_workers=0, progress=False
@@ -266,10 +266,11 @@ def train_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     import train_center
-    import train_common
     import train_triplet
     from datasets.lfw_dataset import LFWDataset
     from datasets.transforms import eval_transform
+    from training.engine import backward_and_step
+    from training.runtime import Runtime, epoch_seed, seed_everything
 
     method, settings, seed = job["method"], job["settings"], job["seed"]
     output_dir = Path(job["work_dir"]) / "runs" / job["key"]
@@ -283,13 +284,13 @@ def train_one(job: dict) -> dict:
         else (train_triplet, train_triplet.TripletTask)
     )
     args = script.get_args_parser().parse_args(argv)
-    runtime = train_common.Runtime(torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"))
     lfw_dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
     if len(lfw_dataset.issame) != job["split"]["num_test_pairs"]:
         raise AssertionError("the evaluation pairs are not the 3,000 of folds 6-10")
     load_before = os.getloadavg()[0]
     wall_start = time.perf_counter()
-    train_common.seed_everything(args.seed)
+    seed_everything(args.seed)
     task = task_class(args, runtime)
 
     budget, eval_points = job["budget"], list(job["eval_points"])
@@ -302,12 +303,12 @@ def train_one(job: dict) -> dict:
             {"train_cpu_s": 0.0, "steps": 0, "images": 0, "epochs": 0, **evaluate(task, lfw_dataset)}
         )
     while eval_points:
-        task.train_module.train()
-        torch.manual_seed(train_common.epoch_seed(args.seed, epoch))
+        task.step_module.train()
+        torch.manual_seed(epoch_seed(args.seed, epoch))
         for batch in task.batches(epoch, 0):
-            out = task.step(task.train_module, batch)
+            out = task.step(task.step_module, batch)
             if torch.isfinite(out.loss_sum):
-                train_common.apply_step(task, out.loss)
+                backward_and_step(task, out.loss)
                 loss_sum += float(out.loss_sum)
                 loss_count += float(out.count)
                 trained_on += float(out.count)

@@ -5,7 +5,7 @@
 
 "Original" is the seed repository's step: fp32, NCHW, three forward passes, hard triplets picked through a
 numpy round trip, the loss on them, backward through everything. "Ours" runs train_triplet.py's own step
-functions and the Trainer's apply_step: channels_last, mixed precision as --amp auto chooses for the device,
+functions and the trainer's backward_and_step: channels_last, mixed precision as --amp auto chooses for the device,
 one forward pass over anchors, positives and negatives together, and either
 - the loss masked to the hard triplets (the default), or
 - --selection_pass: a forward pass without gradients picks the hard triplets, then forward and backward
@@ -38,10 +38,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train_common  # noqa: E402
 import train_triplet  # noqa: E402
+from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers  # noqa: E402
 from losses import TripletLoss  # noqa: E402
 from models import build_model  # noqa: E402
+from training.builders import build_optimizer  # noqa: E402
+from training.engine import backward_and_step  # noqa: E402
 
 SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_112"
 
@@ -87,7 +89,7 @@ class OurStep:
     def __init__(self, model, device, amp_dtype, selection_pass, hard_fraction=None, margin=0.2):
         self.model = model.to(device, memory_format=torch.channels_last)
         self.device, self.amp_dtype = device, amp_dtype
-        self.optimizer = train_common.build_optimizer("adagrad", self.model.parameters(), 1e-3)
+        self.optimizer = build_optimizer("adagrad", self.model.parameters(), 1e-3)
         self.task = SimpleNamespace(optimizers=[self.optimizer], before_optimizer_step=lambda: None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.loss_fn = TripletLoss(margin)
@@ -107,7 +109,7 @@ class OurStep:
             loss, chosen = self.train_step(self.model, images, self.select, self.loss_fn)
         self.chosen += chosen  # no sync: read once, after the measurements
         self.offered += images.shape[0] // 3
-        train_common.apply_step(self.task, loss, self.scaler)
+        backward_and_step(self.task, loss, self.scaler)
         return loss.detach()
 
 
@@ -126,7 +128,7 @@ class OriginalStep:
     def __init__(self, model, device, margin=0.2):
         self.model = model.to(device)
         self.device, self.margin = device, margin
-        self.optimizer = train_common.build_optimizer("adagrad", self.model.parameters(), 1e-3)
+        self.optimizer = build_optimizer("adagrad", self.model.parameters(), 1e-3)
 
     def __call__(self, batch):
         anchor_images, positive_images, negative_images = (t.to(self.device) for t in batch)
@@ -230,14 +232,14 @@ def main(argv=None):
         help="shares of hard triplets to time the selection pass at",
     )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", default="auto", choices=train_common.AMP_CHOICES)
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     parser.add_argument("--with_data", action="store_true", help="also measure with real data loading")
     parser.add_argument("--num_workers", type=int, default=None)
     args = parser.parse_args(argv)
 
-    device = train_common.resolve_device(args.device)
-    amp_dtype = train_common.resolve_amp(args.amp, device)
-    workers = args.num_workers if args.num_workers is not None else train_common.usable_workers(16)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    workers = args.num_workers if args.num_workers is not None else usable_workers(16)
     where = torch.cuda.get_device_name(device) + " GPU" if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(
         f"device {device} ({where}), torch {torch.__version__}, threads {torch.get_num_threads()}, "

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from errors import InputError
+from errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -210,12 +210,6 @@ def _read_chunks(csv_path: str, columns: list[str]):
             yield from reader
     except (ValueError, pd.errors.ParserError) as error:
         raise InputError(f"{csv_path}: could not parse ({first_line(error)})") from None
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an exception's message, to keep InputError messages on one line."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _dotted(ext: str) -> str:

@@ -18,7 +18,6 @@ import argparse
 import csv
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets.face_table import DECODE_ERRORS, IMAGE_EXTENSIONS
+from devices import available_cpus
 from errors import InputError
+from fileio import atomic_write
 
 CSV_COLUMNS = ("id", "name", "class", "ext")
 
@@ -50,7 +51,7 @@ class _Folder(NamedTuple):
 
 
 def default_num_workers() -> int:
-    return min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default: listing is mostly I/O
+    return min(32, available_cpus() + 4)  # as ThreadPoolExecutor's default: listing is mostly I/O
 
 
 def generate_csv(
@@ -133,21 +134,11 @@ def _decodes(path: str) -> bool:
 
 
 def _write_rows(csv_path: str, folders: list[_Folder]) -> None:
-    """Write via a temporary file in the target folder, so an interrupted run never leaves half a CSV."""
-    target_folder = os.path.dirname(os.path.abspath(csv_path))
-    os.makedirs(target_folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=target_folder, prefix=".tmp-", suffix=".csv")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(CSV_COLUMNS)
-            for label, folder in enumerate(folders):
-                writer.writerows((stem, folder.name, label, ext) for stem, ext in folder.images)
-        os.replace(tmp_path, csv_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_write(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for label, folder in enumerate(folders):
+            writer.writerows((stem, folder.name, label, ext) for stem, ext in folder.images)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

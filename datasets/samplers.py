@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from datasets.face_table import group_rows_by_class
-from errors import InputError
+from errors import InputError, require_int
 
 
 class PKBatchSampler(Sampler[list[int]]):
@@ -30,9 +30,9 @@ class PKBatchSampler(Sampler[list[int]]):
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError("labels must be a 1-D integer array")
-        self.identities_per_batch = _at_least(identities_per_batch, 2, "identities_per_batch (P)")
-        self.images_per_identity = _at_least(images_per_identity, 2, "images_per_identity (K)")
-        self.num_batches = _at_least(num_batches, 1, "num_batches")
+        self.identities_per_batch = require_int(identities_per_batch, "identities_per_batch (P)", minimum=2)
+        self.images_per_identity = require_int(images_per_identity, "images_per_identity (K)", minimum=2)
+        self.num_batches = require_int(num_batches, "num_batches")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
@@ -87,9 +87,3 @@ def _k_offsets(counts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
         refill = rng.integers(counts[small][:, None], size=(int(small.sum()), k))
         offsets[small] = np.where(columns < counts[small][:, None], columns, refill)
     return offsets
-
-
-def _at_least(value, minimum: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.face_table import FaceImageLoader, FaceTable, first_line, group_rows_by_class, read_face_csv
-from errors import InputError
+from datasets.face_table import FaceImageLoader, FaceTable, group_rows_by_class, read_face_csv
+from errors import InputError, first_line, require_int
+from fileio import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def generate_triplets(
         raise ValueError("labels must be a non-empty 1-D integer array")
     if labels.min() < 0:
         raise ValueError("labels must be >= 0")
-    num_triplets = _positive_int(num_triplets, "num_triplets")
+    num_triplets = require_int(num_triplets, "num_triplets")
     groups = group_rows_by_class(labels)
     counts = groups.counts
     anchor_classes = np.flatnonzero(counts >= 2)
@@ -77,12 +77,6 @@ def generate_triplets(
     return triplets
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _other_class(anchor: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A uniform class with images, different from each anchor class (skip-the-anchor trick, no rejection loop)."""
     present = np.flatnonzero(counts > 0)  # labels may have gaps
@@ -94,12 +88,12 @@ def _other_class(anchor: np.ndarray, counts: np.ndarray, rng: np.random.Generato
 
 def _classes_per_block(anchor_classes, num_triplets, identities_per_block, batch_size, rng):
     """Anchor and negative classes when each block of `batch_size` triplets uses `identities_per_block` identities."""
-    identities_per_block = _positive_int(identities_per_block, "num_human_identities_per_batch")
+    identities_per_block = require_int(identities_per_block, "num_human_identities_per_batch")
     if batch_size is None:
         raise InputError(
             "num_human_identities_per_batch needs batch_size (the size of each block of triplets)"
         )
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = require_int(batch_size, "batch_size")
     if identities_per_block < 2:
         raise InputError("num_human_identities_per_batch must be at least 2 (anchor and negative identities)")
     if identities_per_block > len(anchor_classes):
@@ -136,8 +130,9 @@ def save_triplets(path: str, triplets: np.ndarray, table: FaceTable, csv_path: s
     }
     # int32 halves the file; row indices of any real data set fit (VGGFace2 has 3.3 million rows)
     stored = triplets.astype(np.int32) if len(table.paths) <= np.iinfo(np.int32).max else triplets
-    _atomic_write(path, lambda f: np.save(f, stored, allow_pickle=False))
-    _atomic_write(_sidecar_path(path), lambda f: f.write(json.dumps(sidecar, indent=1).encode()))
+    with atomic_write(path, "wb") as handle:
+        np.save(handle, stored, allow_pickle=False)
+    write_json_atomic(sidecar, _sidecar_path(path), indent=1)
 
 
 def load_triplets(path: str, table: FaceTable) -> np.ndarray:
@@ -188,19 +183,6 @@ def _sidecar_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".json"
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class TripletFaceDataset(Dataset):
     """Yields (anchor, positive, negative) image tensors for `num_triplets` random triplets.
 
@@ -224,7 +206,7 @@ class TripletFaceDataset(Dataset):
     ):
         self.table: FaceTable = read_face_csv(root_dir, csv_name)
         self.csv_path = os.fspath(csv_name)
-        self.num_triplets = _positive_int(num_triplets, "num_triplets")
+        self.num_triplets = require_int(num_triplets, "num_triplets")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)

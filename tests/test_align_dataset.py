@@ -14,20 +14,16 @@ from PIL import Image, ImageDraw
 from skimage import data as skimage_data
 from skimage.transform import SimilarityTransform
 
-from datasets import align_dataset
-from datasets.align_dataset import (
+from datasets import align_dataset, mtcnn
+from datasets.align_dataset import REPORT_NAME
+from datasets.face_alignment import (
     ARCFACE_TEMPLATE_112,
-    REPORT_NAME,
-    Face,
-    FaceDetector,
     crop_square,
-    detection_view,
-    select_face,
     square_box_with_margin,
-    to_photo_coordinates,
     umeyama_similarity,
     warp_to_template,
 )
+from datasets.mtcnn import Face, FaceDetector, detection_view, select_face, to_photo_coordinates
 
 LFW_DIR = Path("../shared/data/lfw_112")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +141,7 @@ def test_crops_for_the_refinement_nets_match_a_padded_reference():
     images = torch.from_numpy(rng.integers(0, 256, (2, 3, 60, 80), dtype=np.uint8))
     boxes = torch.tensor([[10.0, 5.0, 40.0, 35.0], [-9.5, 50.0, 30.0, 90.0], [70.0, -20.0, 100.0, 10.0]])
     image_inds = torch.tensor([0, 1, 0])
-    crops = align_dataset._crop_boxes(images, boxes, image_inds, 24)
+    crops = mtcnn._crop_boxes(images, boxes, image_inds, 24)
     for crop, (x1, y1, x2, y2), index in zip(
         crops, boxes.trunc().int().tolist(), image_inds.tolist(), strict=True
     ):
@@ -157,7 +153,7 @@ def test_crops_for_the_refinement_nets_match_a_padded_reference():
 
 def test_uint8_and_float_resizes_agree():
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 3, 90, 70), dtype=np.uint8))
-    fast = align_dataset._resize_uint8(images, (33, 27))
+    fast = mtcnn._resize_uint8(images, (33, 27))
     reference = F.interpolate(images.float(), size=(33, 27), mode="bilinear", antialias=True)
     assert fast.dtype == torch.float32 and (fast - reference).abs().max() <= 1.0
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets.make_demo_dataset as demo
-from datasets.make_demo_dataset import DemoDataset, make_demo_dataset, render_identity
+import demo.make_demo_dataset as demo
+import demo.render as render
+from demo.make_demo_dataset import DemoDataset, make_demo_dataset
+from demo.render import render_identity
 from errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +226,7 @@ def test_images_of_one_identity_vary():
 def test_windowed_painting_matches_painting_the_whole_image(monkeypatch):
     """The speed-up that paints small shapes only inside a bounding window must not change a pixel."""
     windowed = np.stack([render_identity((5, 0, k), 10, 64) for k in range(12)])
-    monkeypatch.setattr(demo._Canvas, "around", lambda self, cx, cy, radius, depth=0.0: self.face())
+    monkeypatch.setattr(render._Canvas, "around", lambda self, cx, cy, radius, depth=0.0: self.face())
     whole = np.stack([render_identity((5, 0, k), 10, 64) for k in range(12)])
     np.testing.assert_array_equal(windowed, whole)
 
@@ -240,7 +242,7 @@ def test_main_writes_the_dataset_and_reports_bad_input(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-@pytest.mark.parametrize("how", [["datasets/make_demo_dataset.py"], ["-m", "datasets.make_demo_dataset"]])
+@pytest.mark.parametrize("how", [["demo/make_demo_dataset.py"], ["-m", "demo.make_demo_dataset"]])
 def test_runs_as_a_script_and_as_a_module(tmp_path, how):
     argv = ["--output_dir", str(tmp_path / "out"), "--num_identities", "1", "--images_per_identity", "2"]
     argv += ["--num_lfw_identities", "4", "--num_folds", "2", "--pairs_per_fold", "1", "--image_size", "16"]

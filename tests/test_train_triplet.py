@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import train_common
 import train_triplet
 from tests.training_data import REPO, common_args
+from training.cli import parse_args
 
 
 def run_main(args) -> int:
@@ -168,7 +168,7 @@ def test_resume_from_another_architecture_or_task_is_refused(tiny_demo_data, tmp
     not_a_checkpoint.write_bytes(b"not a checkpoint")
     args = triplet_args(tiny_demo_data, output_dir, "--epochs", "2", "--resume_path", not_a_checkpoint)
     assert run_main(args) == 2
-    assert "not a loadable checkpoint" in capsys.readouterr().err
+    assert "error: --resume_path: could not read checkpoint" in capsys.readouterr().err
 
 
 def test_never_writes_into_another_runs_folder(tiny_demo_data, tmp_path, capsys):
@@ -230,13 +230,13 @@ def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_pa
 
 def test_demo_defaults_apply_only_to_flags_not_given():
     parser = train_triplet.get_args_parser()
-    args = train_common.parse_args(parser, ["--demo", "--epochs", "1"], train_triplet.DEMO_DEFAULTS)
+    args = parse_args(parser, ["--demo", "--epochs", "1"], train_triplet.DEMO_DEFAULTS)
     assert (args.model, args.image_size, args.epochs) == ("resnet18", 64, 1)
     assert args.num_triplets_train == train_triplet.DEMO_DEFAULTS["num_triplets_train"]
-    plain = train_common.parse_args(train_triplet.get_args_parser(), ["-d", "x", "--lfw", "y"], {})
+    plain = parse_args(train_triplet.get_args_parser(), ["-d", "x", "--lfw", "y"], {})
     assert (plain.model, plain.image_size, plain.num_triplets_train) == ("resnet34", 160, 1_100_000)
     with pytest.raises(SystemExit):
-        train_common.parse_args(train_triplet.get_args_parser(), ["--lfw", "y"], {})  # --dataroot missing
+        parse_args(train_triplet.get_args_parser(), ["--lfw", "y"], {})  # --dataroot missing
 
 
 # ----- the two ways through a step of pre-generated triplets

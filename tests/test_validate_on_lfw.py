@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import eval_metrics
 import validate_on_LFW
+from fileio import write_json_atomic
 from inference import FaceEmbedder, distance, embed_images
 from models import build_model
-from validate_on_LFW import embed_dataset, evaluate_model_on_lfw, main, pair_distances
+from validate_on_LFW import main
+from verification import distances_of_pairs, embed_dataset, evaluate_model_on_lfw
 
 REPO = Path(__file__).resolve().parent.parent
 LFW_DIR = REPO.parent / "shared" / "data" / "lfw_112"
@@ -77,7 +79,7 @@ def test_pair_distances_match_a_loop():
     rng = np.random.default_rng(0)
     embeddings = torch.from_numpy(rng.normal(size=(9, 5)).astype(np.float32))
     pairs = rng.integers(0, 9, size=(20, 2))
-    distances = pair_distances(embeddings, pairs)
+    distances = distances_of_pairs(embeddings, pairs)
     assert distances.dtype == np.float64
     expected = [
         float(np.sqrt(np.sum((embeddings[a].double() - embeddings[b].double()).numpy() ** 2)))
@@ -85,7 +87,7 @@ def test_pair_distances_match_a_loop():
     ]
     np.testing.assert_allclose(distances, expected, rtol=1e-12)
     with pytest.raises(ValueError, match="pairs"):
-        pair_distances(embeddings, pairs[:, :1])
+        distances_of_pairs(embeddings, pairs[:, :1])
 
 
 class FakePairs(IndexedTensors):
@@ -238,7 +240,7 @@ def test_results_of_another_checkpoint_are_never_overwritten(tmp_path):
     assert validate_on_LFW.output_paths(tmp_path, flip=True)[0].name == "lfw_metrics_flip.json"
     mine, other = tmp_path / "mine.pt", tmp_path / "other.pt"
     validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # nothing there yet
-    validate_on_LFW.write_json_atomic({"checkpoint": {"path": str(mine.resolve())}}, json_path)
+    write_json_atomic({"checkpoint": {"path": str(mine.resolve())}}, json_path)
     validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # its own previous results: fine
     with pytest.raises(validate_on_LFW.InputError, match="another checkpoint"):
         validate_on_LFW.check_overwrite(json_path, plot_path, other)

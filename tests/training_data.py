@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.make_demo_dataset import make_demo_dataset
+from demo.make_demo_dataset import make_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

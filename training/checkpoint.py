@@ -1,0 +1,82 @@
+"""Checkpoints and the output folder: where a run writes, what it may overwrite, how it resumes.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), written atomically from the unwrapped
+model; it keeps the original repository's keys and adds what an exact resume and inference need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime
+from pathlib import Path
+
+from errors import InputError
+from inference import CHECKPOINT_FORMAT_VERSION, read_checkpoint
+
+# a folder holding a run with other values of these is another run, never to be written into
+RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
+
+
+def checkpoint_path(output_dir: Path, model: str, task_name: str, epoch: int, interrupted: bool) -> Path:
+    """``checkpoints/model_<model>_<task>_epoch_<N>[_interrupted].pt``; N counts the epoch being trained."""
+    suffix = "_interrupted" if interrupted else ""
+    return output_dir / "checkpoints" / f"model_{model}_{task_name}_epoch_{epoch}{suffix}.pt"
+
+
+def load_resume_checkpoint(path: str, args: argparse.Namespace, task_name: str) -> dict:
+    """A checkpoint of this repository, checked to belong to the same kind of run."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except InputError as error:
+        raise InputError(f"--resume_path: {error}") from None
+    if "model_state_dict" not in checkpoint:
+        raise InputError(f"--resume_path {path}: not a training checkpoint (no model_state_dict)")
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION or "task" not in checkpoint:
+        raise InputError(
+            f"--resume_path {path}: not a resumable checkpoint of this repository; "
+            "use it for evaluation with validate_on_LFW.py"
+        )
+    if checkpoint["task"] != task_name:
+        raise InputError(
+            f"--resume_path {path}: a {checkpoint['task']} checkpoint cannot resume {task_name} training"
+        )
+    for key, flag in (("model_architecture", "model"), ("embedding_dimension", "embedding_dim")):
+        if checkpoint[key] != getattr(args, flag):
+            raise InputError(
+                f"--resume_path {path}: the checkpoint has {key} {checkpoint[key]!r} "
+                f"but --{flag} is {getattr(args, flag)!r}"
+            )
+    return checkpoint
+
+
+def default_output_dir(args: argparse.Namespace, task_name: str) -> Path:
+    """The resumed run's folder, or ``runs/[demo_]<task>_<model>_<date-time>`` for a new run."""
+    if args.resume_path is not None:
+        resumed = Path(args.resume_path).resolve().parent
+        return resumed.parent if resumed.name == "checkpoints" else resumed
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{'demo_' if args.demo else ''}{task_name}_{args.model}_{stamp}"
+
+
+def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None:
+    """Make sure this run may write into ``output_dir``: never over another run's files."""
+    config_path = output_dir / "run_config.json"
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if not config_path.is_file():
+        raise InputError(
+            f"--output_dir {output_dir}: the folder holds other files; choose an empty or new folder"
+        )
+    previous = json.loads(config_path.read_text())
+    if not resuming:
+        raise InputError(
+            f"--output_dir {output_dir}: the folder holds an earlier run; resume it with --resume_path "
+            "or choose a new --output_dir"
+        )
+    differing = [key for key in RUN_IDENTITY_KEYS if previous.get(key) != run_config.get(key)]
+    if differing:
+        raise InputError(
+            f"--output_dir {output_dir}: the folder holds a different run ({', '.join(differing)} differ); "
+            "choose a new --output_dir"
+        )

@@ -1,0 +1,222 @@
+"""The command line both training scripts share: the original's flags, the additions, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from demo.make_demo_dataset import make_demo_dataset
+from devices import AMP_CHOICES
+from errors import InputError, report_input_errors, require_int
+from models import MODEL_NAMES
+from training.builders import OPTIMIZERS
+
+DEMO_ROOT = Path("demo_data")
+
+# what --demo changes in both scripts; each adds its own (epochs, batch size, ...)
+DEMO_DEFAULTS = {
+    "model": "resnet18",
+    "image_size": 64,
+    "optimizer": "adam",
+    "lr": 0.001,
+    "num_workers": 2,
+    "lfw_batch_size": 128,
+}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        return require_int(int(text), "value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def base_parser(description: str, default_output_name: str) -> argparse.ArgumentParser:
+    """The parser both scripts start from: the original's flags and the additions listed in README.md."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    _add_data_arguments(parser.add_argument_group("data"))
+    _add_model_arguments(parser.add_argument_group("model"))
+    _add_training_arguments(parser.add_argument_group("training"))
+    _add_run_arguments(parser.add_argument_group("validation, output and resume"), default_output_name)
+    return parser
+
+
+def _add_data_arguments(data) -> None:
+    data.add_argument(
+        "--dataroot", "-d", type=str, help="training images: one folder per identity (required)"
+    )
+    data.add_argument("--lfw", type=str, help="LFW images, aligned like the training images (required)")
+    data.add_argument(
+        "--lfw_pairs",
+        type=str,
+        help="the LFW pairs file (pairs.txt); default: pairs.txt or lfw_pairs.txt in --lfw",
+    )
+    data.add_argument(
+        "--dataset_csv",
+        type=str,
+        default=None,
+        help="CSV of the training images from datasets/generate_csv_files.py; default: written into --output_dir",
+    )
+    data.add_argument(
+        "--image_size",
+        type=positive_int,
+        default=160,
+        help="side of the square input images (aligned LFW is 160)",
+    )
+    data.add_argument(
+        "--num_workers",
+        type=int,
+        default=8,
+        help="data-loading processes (capped at the CPUs this process may use)",
+    )
+    data.add_argument(
+        "--demo",
+        action="store_true",
+        help="train on the built-in synthetic dataset (generated into demo_data/ if absent) with small settings",
+    )
+
+
+def _add_model_arguments(model) -> None:
+    model.add_argument("--model", type=str, default="resnet34", choices=MODEL_NAMES, help="architecture")
+    model.add_argument("--embedding_dim", type=positive_int, default=128, help="size of the embedding")
+    model.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="start from ImageNet weights (needs the network or a warm torch hub cache)",
+    )
+
+
+def _add_training_arguments(train) -> None:
+    train.add_argument(
+        "--epochs", type=positive_int, default=30, help="total number of epochs (also when resuming)"
+    )
+    train.add_argument("--batch_size", type=positive_int, default=64, help="training batch size per process")
+    train.add_argument("--optimizer", type=str, default="adagrad", choices=OPTIMIZERS, help="optimizer")
+    train.add_argument("--lr", type=positive_float, default=0.001, help="learning rate")
+    train.add_argument(
+        "--lr_schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="constant (the original) or cosine decay to zero over --epochs, stepped per epoch",
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed for weights, triplets, sampling and augmentation"
+    )
+    train.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="mixed precision: auto = bf16 on GPUs that support it, fp16 with a gradient scaler on older GPUs, "
+        "off on the CPU",
+    )
+    train.add_argument(
+        "--device", type=str, default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N"
+    )
+
+
+def _add_run_arguments(run, default_output_name: str) -> None:
+    run.add_argument("--lfw_batch_size", type=positive_int, default=64, help="batch size for embedding LFW")
+    run.add_argument(
+        "--lfw_validation_epoch_interval",
+        type=positive_int,
+        default=1,
+        help="validate on LFW every this many epochs (and always after the last)",
+    )
+    run.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help=f"everything the run writes goes here; default: runs/{default_output_name}_<model>_<date-time>, "
+        "or the resumed run's folder",
+    )
+    run.add_argument(
+        "--resume_path",
+        "--resume",
+        dest="resume_path",
+        type=str,
+        default=None,
+        help="checkpoint to resume from",
+    )
+
+
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, demo_defaults: dict
+) -> argparse.Namespace:
+    """Parse; under ``--demo``, the demo defaults (shared, then the script's) apply to every flag not given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--demo" in argv:
+        parser.set_defaults(**{**DEMO_DEFAULTS, **demo_defaults})
+    args = parser.parse_args(argv)
+    if not args.demo:
+        missing = [
+            flag for flag, value in (("--dataroot/-d", args.dataroot), ("--lfw", args.lfw)) if not value
+        ]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Every cheap check of files and values, before any work or writing."""
+    if args.num_workers < 0:
+        raise InputError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.demo:
+        return  # the demo's data is generated later, at known paths
+    dataroot = Path(args.dataroot)
+    if not dataroot.is_dir():
+        raise InputError(f"--dataroot {args.dataroot}: no such folder")
+    if not any(dataroot.iterdir()):
+        raise InputError(f"--dataroot {args.dataroot}: the folder is empty")
+    if not Path(args.lfw).is_dir():
+        raise InputError(f"--lfw {args.lfw}: no such folder")
+    args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
+    if args.dataset_csv is not None and not Path(args.dataset_csv).is_file():
+        raise InputError(f"--dataset_csv {args.dataset_csv}: no such file")
+    if args.resume_path is not None and not Path(args.resume_path).is_file():
+        raise InputError(f"--resume_path {args.resume_path}: no such file")
+
+
+def resolve_lfw_pairs(lfw_dir: str, lfw_pairs: str | None) -> str:
+    """``--lfw_pairs`` when given, else the pairs file found in the LFW folder."""
+    if lfw_pairs is not None:
+        if not Path(lfw_pairs).is_file():
+            raise InputError(f"--lfw_pairs {lfw_pairs}: no such file")
+        return lfw_pairs
+    for name in ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt"):
+        candidate = Path(lfw_dir) / name
+        if candidate.is_file():
+            return str(candidate)
+    raise InputError(f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {lfw_dir})")
+
+
+def run_script(main_body, argv: list[str] | None) -> int:
+    """Run a script's body, turning bad input into one line on stderr and exit status 2."""
+    try:
+        return report_input_errors(lambda: main_body(argv))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def prepare_demo_data(args: argparse.Namespace) -> None:
+    """Point the run at the synthetic demo dataset, generating it first if needed."""
+    demo = make_demo_dataset(DEMO_ROOT, num_workers=2)
+    args.dataroot = args.dataroot or str(demo.train_dir)
+    args.lfw = args.lfw or str(demo.lfw_dir)
+    args.lfw_pairs = args.lfw_pairs or str(demo.pairs_path)

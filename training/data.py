@@ -1,0 +1,84 @@
+"""Training data plumbing: the image CSV, each process's share of an epoch, and the DataLoader."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from datasets.generate_csv_files import generate_csv
+from devices import usable_workers
+from training.runtime import Runtime, barrier, epoch_seed, log
+
+
+def ensure_dataset_csv(args: argparse.Namespace, runtime: Runtime) -> str:
+    """The training CSV: ``--dataset_csv``, or one listed now from ``--dataroot`` into the output folder."""
+    if args.dataset_csv is not None:
+        return args.dataset_csv
+    csv_path = Path(args.output_dir) / "dataset.csv"
+    if runtime.is_main and not csv_path.is_file():
+        summary = generate_csv(args.dataroot, csv_path)
+        log.info(
+            f"listed {summary.num_images} images of {summary.num_identities} identities in {csv_path}"
+            + (f" ({summary.num_skipped_files} other files skipped)" if summary.num_skipped_files else "")
+        )
+    barrier(runtime)
+    return str(csv_path)
+
+
+class ShardSampler(Sampler[int]):
+    """This process's share of ``range(num_items)`` for one epoch, from item ``start`` of the share on.
+
+    Shares are contiguous and of equal length (the remainder of ``num_items / world_size`` is dropped),
+    so every process runs the same number of steps and blocks of consecutive items (triplets drawn from a
+    few identities per batch) stay together. With ``shuffle`` the order is a permutation drawn from
+    ``seed`` alone, the same on every process.
+    """
+
+    def __init__(self, num_items: int, rank: int, world_size: int, start: int = 0, shuffle=False, seed=0):
+        self.num_items, self.rank, self.world_size = num_items, rank, world_size
+        self.start, self.shuffle, self.seed = start, shuffle, seed
+        self.share = num_items // world_size
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(
+                self.num_items, generator=torch.Generator().manual_seed(self.seed)
+            ).tolist()
+        else:
+            order = range(self.num_items)
+        share = order[self.rank * self.share : (self.rank + 1) * self.share]
+        return iter(share[self.start :])
+
+    def __len__(self) -> int:
+        return self.share - self.start
+
+
+class SkipBatches(Sampler[list[int]]):
+    """A batch sampler without its first ``start`` batches (to continue an interrupted epoch)."""
+
+    def __init__(self, batch_sampler, start: int):
+        self.batch_sampler, self.start = batch_sampler, start
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.start
+
+
+def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, **sampling) -> DataLoader:
+    """A DataLoader whose workers' random streams depend only on (seed, epoch)."""
+    workers = usable_workers(args.num_workers, runtime.world_size)
+    return DataLoader(
+        dataset,
+        num_workers=workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(epoch_seed(args.seed, epoch)),
+        **sampling,
+    )

@@ -1,0 +1,406 @@
+"""The task API and the training loop.
+
+A script describes its task with a `TrainingTask` (its data, its model, its loss step); `run_training` does
+the rest. How a batch flows: the task's dataset -> its sampler (this process's share of the epoch) -> a
+DataLoader -> ``task.step`` (forward, loss) -> `backward_and_step` (backward, the task's optimizers) ->
+after the epoch, the LFW validator, the CSV log, the plots and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import eval_metrics
+from datasets.transforms import FACE_MEAN, FACE_STD
+from fileio import save_torch_atomic, write_json_atomic
+from training.builders import build_scheduler
+from training.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    checkpoint_path,
+    claim_output_dir,
+    default_output_dir,
+    load_resume_checkpoint,
+)
+from training.cli import check_common_args, prepare_demo_data
+from training.records import EpochTotals, History, append_csv_row, plot_history
+from training.runtime import (
+    Runtime,
+    all_reduce_sum,
+    barrier,
+    configure_logging,
+    epoch_seed,
+    log,
+    seed_everything,
+    setup_runtime,
+)
+from training.validation import LFWValidator
+
+# a run stops when this many steps in a row had a non-finite loss
+MAX_CONSECUTIVE_NONFINITE = 5
+LOG_EVERY_STEPS = 10
+
+
+@dataclass
+class StepOutput:
+    """What a task's step returns: the loss to back-propagate and the bookkeeping of the epoch average."""
+
+    loss: torch.Tensor  # mean over the samples trained on (a zero with a graph when there were none)
+    loss_sum: torch.Tensor  # loss x number of samples, detached
+    count: torch.Tensor  # number of samples (triplets, images) the loss is a mean over
+
+
+class TrainingTask:
+    """The part of a training run that differs between triplet and center-loss training.
+
+    Subclasses set ``name`` and ``count_name``, build ``model`` (the embedding model, what checkpoints
+    store), ``step_module`` (what DDP wraps and what ``step`` runs: the model, or the model with loss
+    parameters of its own) and ``optimizers``, and implement ``steps_per_epoch``, ``batches`` and ``step``.
+    """
+
+    name = "task"
+    count_name = "samples"
+
+    def __init__(self, args: argparse.Namespace, runtime: Runtime):
+        self.args = args
+        self.runtime = runtime
+        self.model: nn.Module
+        self.step_module: nn.Module
+        self.optimizers: list[torch.optim.Optimizer]
+
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, start_step: int) -> Iterable:
+        """The batches of ``epoch`` from ``start_step`` on; the same batches whatever ran before."""
+        raise NotImplementedError
+
+    def step(self, step_module: nn.Module, batch) -> StepOutput:
+        """Forward and loss of one batch, through ``step_module`` (DDP-wrapped when distributed)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called after the gradients are unscaled and before the optimizers step."""
+
+    def checkpoint_extras(self) -> dict:
+        return {}
+
+    def load_checkpoint_extras(self, checkpoint: dict) -> None:
+        pass
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite; the message says what to try."""
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def exit_status(self) -> int:
+        return 130 if self.signal_name == "SIGINT" else 143
+
+
+def backward_and_step(
+    task: TrainingTask, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    scaler.scale(loss).backward()
+    for optimizer in task.optimizers:
+        scaler.unscale_(optimizer)
+    task.before_optimizer_step()
+    for optimizer in task.optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+    for optimizer in task.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+
+
+class Trainer:
+    """Runs a task's epochs: steps, the per-epoch validation and log, checkpoints, resume and stop requests."""
+
+    def __init__(self, task: TrainingTask, output_dir: Path, validator: LFWValidator | None):
+        self.task = task
+        self.args = task.args
+        self.runtime = task.runtime
+        self.output_dir = output_dir
+        self.validator = validator
+        self.step_module = task.step_module
+        if self.runtime.distributed:
+            device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(task.step_module, device_ids=device_ids)
+        self.scheduler = build_scheduler(self.args.lr_schedule, task.optimizers[0], self.args.epochs)
+        self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.use_grad_scaler)
+        self.history = History()
+        self.best_distance_threshold: float | None = None
+        # where a resumed run continues: epoch, step within it, and that epoch's totals so far
+        self.start_epoch = 0
+        self.start_step = 0
+        self.resumed_totals = EpochTotals()
+        self.resume_rng_state: torch.Tensor | None = None
+        self.interrupted_path: Path | None = None
+        self.consecutive_nonfinite = 0
+
+    # ----- checkpoints
+
+    def checkpoint_state(self, completed_epochs: int, step_in_epoch: int, totals: EpochTotals) -> dict:
+        task, args = self.task, self.args
+        state = {
+            # the original repository's keys
+            "epoch": completed_epochs,
+            "embedding_dimension": args.embedding_dim,
+            "batch_size_training": args.batch_size,
+            "model_state_dict": task.model.state_dict(),
+            "model_architecture": args.model,
+            "optimizer_model_state_dict": task.optimizers[0].state_dict(),
+            "best_distance_threshold": self.best_distance_threshold,
+            # what exact resume and inference need
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "task": task.name,
+            "image_size": args.image_size,
+            "normalization": {"mean": list(FACE_MEAN), "std": list(FACE_STD)},
+            "args": {
+                key: value
+                for key, value in vars(args).items()
+                if value is None or isinstance(value, (str, int, float, bool))
+            },
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "grad_scaler_state_dict": self.scaler.state_dict(),
+            "step_in_epoch": step_in_epoch,
+            "partial_epoch": {
+                "loss_sum": totals.loss_sum,
+                "count": totals.count,
+                "skipped_steps": totals.skipped_steps,
+            },
+            "history": vars(self.history),
+            # epochs reseed from (seed, epoch); this state only continues an epoch interrupted mid-way
+            "torch_rng_state": torch.get_rng_state(),
+        }
+        state.update(task.checkpoint_extras())
+        return state
+
+    def save(self, completed_epochs: int, step_in_epoch: int = 0, totals: EpochTotals | None = None):
+        """Rank 0 writes the checkpoint (mid-epoch ones are ``_interrupted``); returns its path there."""
+        path = None
+        if self.runtime.is_main:
+            interrupted = step_in_epoch > 0
+            path = checkpoint_path(
+                self.output_dir, self.args.model, self.task.name, completed_epochs + interrupted, interrupted
+            )
+            state = self.checkpoint_state(completed_epochs, step_in_epoch, totals or EpochTotals())
+            save_torch_atomic(state, path)
+        barrier(self.runtime)
+        return path
+
+    def resume(self, checkpoint: dict) -> None:
+        task = self.task
+        task.model.load_state_dict(checkpoint["model_state_dict"])
+        task.optimizers[0].load_state_dict(checkpoint["optimizer_model_state_dict"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
+        task.load_checkpoint_extras(checkpoint)
+        self.best_distance_threshold = checkpoint["best_distance_threshold"]
+        self.history = History(**checkpoint["history"])
+        self.start_epoch = checkpoint["epoch"]
+        self.start_step = checkpoint["step_in_epoch"]
+        self.resumed_totals = EpochTotals(**checkpoint["partial_epoch"])
+        self.resume_rng_state = checkpoint["torch_rng_state"]
+        where = f"epoch {self.start_epoch + 1}" + (f", step {self.start_step + 1}" if self.start_step else "")
+        log.info(f"resumed from {self.args.resume_path}: continuing at {where} of {self.args.epochs}")
+
+    # ----- training
+
+    def train_epoch(self, epoch: int, stop: StopRequested) -> EpochTotals | None:
+        """One epoch; returns its totals, or None when a stop request cut it short (after a checkpoint)."""
+        start_step = self.start_step if epoch == self.start_epoch else 0
+        totals = self.resumed_totals if start_step else EpochTotals()
+        self.consecutive_nonfinite = 0
+        self.step_module.train()
+        torch.manual_seed(epoch_seed(self.args.seed, epoch))
+        if start_step and self.resume_rng_state is not None:
+            torch.set_rng_state(self.resume_rng_state)
+        total = self.task.steps_per_epoch()
+        progress = tqdm(
+            self.task.batches(epoch, start_step),
+            total=total,
+            initial=start_step,
+            desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            disable=not self.runtime.is_main or not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
+        for step, batch in enumerate(progress, start=start_step + 1):
+            self.train_step(epoch, step, batch, totals)
+            if step % LOG_EVERY_STEPS == 0 or step == total:
+                progress.set_postfix(
+                    loss=f"{totals.loss_sum / max(totals.count, 1):.4f}",
+                    **{self.task.count_name: int(totals.count)},
+                )
+            if stop.signal_name is not None and step < total:
+                progress.close()
+                self.interrupted_path = self.save(epoch, step, totals)
+                return None
+        progress.close()
+        return totals
+
+    def train_step(self, epoch: int, step: int, batch, totals: EpochTotals) -> None:
+        """Forward, then, unless the loss is non-finite on any process, backward and the optimizer steps."""
+        runtime = self.runtime
+        with torch.autocast(
+            runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
+        ):
+            out = self.task.step(self.step_module, batch)
+        # the one host sync a step needs: the processes agree whether to apply the step
+        nonfinite = (~torch.isfinite(out.loss_sum)).double()
+        stats = torch.stack([out.loss_sum.double().nan_to_num(), out.count.double(), nonfinite])
+        step_loss_sum, step_count, nonfinite_ranks = all_reduce_sum(stats, runtime).tolist()
+        if not nonfinite_ranks:
+            self.consecutive_nonfinite = 0
+            backward_and_step(self.task, out.loss, self.scaler)
+            totals.loss_sum += step_loss_sum
+            totals.count += step_count
+            return
+        totals.skipped_steps += 1
+        self.consecutive_nonfinite += 1
+        for optimizer in self.task.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        log.warning(f"epoch {epoch + 1} step {step}: non-finite loss, step skipped")
+        if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            raise TrainingDiverged(
+                f"stopping: {MAX_CONSECUTIVE_NONFINITE} steps in a row had a non-finite loss "
+                f"(epoch {epoch + 1}, step {step}); lower --lr or try --amp off"
+            )
+
+    def finish_epoch(self, epoch: int, totals: EpochTotals, seconds: float) -> None:
+        """Log the epoch, validate when due, write the CSV row, the plots and the checkpoint."""
+        completed = epoch + 1
+        lr = self.task.optimizers[0].param_groups[0]["lr"]
+        self.scheduler.step()
+        log.info(
+            f"epoch {completed}/{self.args.epochs}: average {self.task.name} loss {totals.average_loss:.6f} "
+            f"over {int(totals.count)} {self.task.count_name}, {totals.skipped_steps} steps skipped, "
+            f"{seconds:.1f} s, lr {lr:g}"
+        )
+        row = {
+            "epoch": completed,
+            "train_loss": totals.average_loss,
+            f"num_{self.task.count_name}": int(totals.count),
+            "skipped_steps": totals.skipped_steps,
+            "epoch_seconds": round(seconds, 3),
+            "lr": lr,
+        }
+        self.history.epochs.append(completed)
+        self.history.losses.append(totals.average_loss)
+        validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
+        if validate and self.runtime.is_main:
+            row.update(self.validate(completed))
+        if self.runtime.is_main:
+            append_csv_row(self.output_dir / "training_log.csv", row)
+            plot_history(self.history, self.output_dir / "plots")
+        self.save(completed)
+
+    def validate(self, completed: int) -> dict[str, float]:
+        """Run the validator; remember its accuracy and threshold; return its summary for the log row."""
+        summary = eval_metrics.metrics_summary(self.validator(self.task.model, completed))
+        self.best_distance_threshold = float(summary["best_distance_threshold_mean"])
+        self.history.validated_epochs.append(completed)
+        self.history.accuracies.append(float(summary["accuracy_mean"]))
+        self.history.accuracy_stds.append(float(summary["accuracy_std"]))
+        return summary
+
+    def fit(self) -> int:
+        """Every remaining epoch; the exit status (0, or 130 / 143 after SIGINT / SIGTERM)."""
+        with StopRequested() as stop:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                started = time.perf_counter()
+                totals = self.train_epoch(epoch, stop)
+                if totals is None:
+                    log.warning(
+                        f"{stop.signal_name}: stopped in epoch {epoch + 1}; resume with "
+                        f"--resume_path {self.interrupted_path}"
+                    )
+                    return stop.exit_status
+                self.finish_epoch(epoch, totals, time.perf_counter() - started)
+                if stop.signal_name is not None:
+                    path = checkpoint_path(self.output_dir, self.args.model, self.task.name, epoch + 1, False)
+                    log.warning(
+                        f"{stop.signal_name}: stopped after epoch {epoch + 1}; resume with --resume_path {path}"
+                    )
+                    return stop.exit_status
+        log.info(f"training finished; checkpoints, log and plots in {self.output_dir}")
+        return 0
+
+
+def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, resuming: bool):
+    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process."""
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, task_name)
+    args.output_dir = str(output_dir)
+    if args.demo:
+        if runtime.is_main:
+            prepare_demo_data(args)
+        barrier(runtime)  # the other ranks find it generated
+        if not runtime.is_main:
+            prepare_demo_data(args)
+    run_config = {"task": task_name, **vars(args)}
+    validator = None
+    if runtime.is_main:
+        claim_output_dir(output_dir, run_config, resuming=resuming)
+        validator = LFWValidator(args, runtime, output_dir)  # reads the pairs file: fails before any writing
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_config, output_dir / "run_config.json")
+    barrier(runtime)
+    return output_dir, validator
+
+
+def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
+    """Everything from checked arguments to the last checkpoint; returns the exit status."""
+    check_common_args(args)
+    resume_checkpoint = (
+        load_resume_checkpoint(args.resume_path, args, task_class.name) if args.resume_path else None
+    )
+    runtime = setup_runtime(args)
+    output_dir, validator = prepare_output(args, runtime, task_class.name, resume_checkpoint is not None)
+    configure_logging(output_dir, runtime.is_main)
+    seed_everything(args.seed)
+    task = task_class(args, runtime)  # builds data, model and optimizers
+    trainer = Trainer(task, output_dir, validator)
+    if resume_checkpoint is not None:
+        trainer.resume(resume_checkpoint)
+    log.info(
+        f"{task.name} training of {args.model} on {runtime.device}"
+        f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
+        f"mixed precision {runtime.amp_dtype or 'off'}; output in {output_dir}"
+    )
+    try:
+        return trainer.fit()
+    except TrainingDiverged as error:
+        log.error(str(error))
+        return 3

@@ -1,0 +1,62 @@
+"""What a run remembers between epochs: loss and accuracy history, the CSV log, and the plots."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plots
+from fileio import atomic_write
+
+
+@dataclass
+class EpochTotals:
+    """Running totals of an epoch: the average loss is ``loss_sum / count`` (a sum weighted by counts)."""
+
+    loss_sum: float = 0.0
+    count: float = 0.0  # triplets or images the loss was a mean over, summed over steps and processes
+    skipped_steps: int = 0
+
+    @property
+    def average_loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+
+@dataclass
+class History:
+    """Per-epoch results, kept in the checkpoint so plots and logs survive a resume."""
+
+    epochs: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    validated_epochs: list[int] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    accuracy_stds: list[float] = field(default_factory=list)
+
+
+def append_csv_row(path: Path, row: dict) -> None:
+    """Append ``row`` to a CSV log, writing the header first; a later row with new columns rewrites the header."""
+    rows: list[dict] = []
+    if path.is_file():
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    rows.append(row)
+    columns: list[str] = []
+    for existing in rows:
+        columns.extend(key for key in existing if key not in columns)
+    with atomic_write(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_history(history: History, plots_dir: Path) -> None:
+    """The training-loss plot and, once an epoch was validated, the LFW accuracy plot."""
+    plots.plot_training_loss(history.epochs, history.losses, plots_dir / "training_loss.png")
+    if history.validated_epochs:
+        plots.plot_accuracy_lfw(
+            history.validated_epochs,
+            history.accuracies,
+            plots_dir / "lfw_accuracies.png",
+            stds=history.accuracy_stds,
+        )

@@ -1,0 +1,96 @@
+"""Where and how this process computes: device, torchrun process group, precision, seeds, logging.
+
+Settled once by `setup_runtime`, before anything is built; the loop then only calls ``.to(runtime.device)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from devices import resolve_amp, resolve_device
+
+log = logging.getLogger("facenet")
+
+
+@dataclass
+class Runtime:
+    """This process's device, its place among the torchrun processes, and its autocast dtype."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp_dtype: torch.dtype | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def use_grad_scaler(self) -> bool:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
+        return self.amp_dtype == torch.float16
+
+
+def setup_runtime(args: argparse.Namespace) -> Runtime:
+    """Device, process group (under torchrun) and precision."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, world_size, local_rank, resolve_amp(args.amp, device))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per epoch, so an epoch's data and augmentation do not depend on what ran before (exact resume)."""
+    return seed * 100_003 + epoch
+
+
+def configure_logging(output_dir: Path | None, is_main: bool) -> None:
+    """Messages to stdout (warnings only on the other ranks) and, on the main process, to train.log."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if output_dir is not None and is_main:
+        to_file = logging.FileHandler(output_dir / "train.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(to_file)
+
+
+def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Sum over the processes, in place (nothing to do in a single process)."""
+    if runtime.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
