@@ -40,7 +40,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from datasets.transforms import FACE_MEAN, FACE_STD, eval_transform, load_image
+from datasets.image_files import load_image
+from datasets.transforms import FACE_MEAN, FACE_STD, eval_transform
 from errors import InputError
 from models import MODEL_NAMES, build_model
 

@@ -146,8 +146,9 @@ def stage_decode(num_images, repeats):
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
+    from datasets.image_files import load_image
     from datasets.lfw_dataset import LFWDataset
-    from datasets.transforms import eval_transform, load_image, train_transform
+    from datasets.transforms import eval_transform, train_transform
 
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
     paths = LFWDataset(SHARED_DATA / "lfw_112", SHARED_DATA / "lfw_pairs.txt").image_paths[:num_images]

@@ -20,35 +20,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
-import zlib
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image
 from errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
 
-# lower-case suffixes counted as images, in order of preference when one stem has several
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 REQUIRED_COLUMNS = ("id", "name", "class")
 OPTIONAL_COLUMNS = ("ext",)
 
-# what a broken file can raise while PIL decodes it (PNG chunk errors are SyntaxError, zlib/struct errors
-# escape from some plugins); anything else is a bug and stays a traceback
-DECODE_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    RuntimeError,
-    struct.error,
-    zlib.error,
-    Image.DecompressionBombError,
-)
 
 _STRING_DTYPE = getattr(np.dtypes, "StringDType", None)
 
@@ -354,15 +338,11 @@ class FaceImageLoader:
         min_loads: int = 100,
         decode=None,
     ):
-        if decode is None:
-            # imported here so that the csv tools can use this module without importing torch
-            from datasets.transforms import load_image as decode
-
         self.table = table
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
         self.min_loads = min_loads
-        self.decode = decode
+        self.decode = decode or load_image
         self.num_loads = 0
         self.num_bad = 0
         self.bad_rows: set[int] = set()

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from PIL import Image
 from tqdm import tqdm
 
-from datasets.face_table import DECODE_ERRORS, IMAGE_EXTENSIONS
+from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS
 from devices import available_cpus
 from errors import InputError
 from fileio import atomic_write

@@ -20,8 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.face_table import DECODE_ERRORS
-from datasets.transforms import load_image
+from datasets.image_files import DECODE_ERRORS, load_image
 from errors import InputError, first_line
 
 logger = logging.getLogger(__name__)

@@ -25,16 +25,6 @@ FACE_MEAN = (0.5, 0.5, 0.5)
 FACE_STD = (0.5, 0.5, 0.5)
 
 
-def load_image(path) -> Image.Image:
-    """Decode an image file completely into an RGB PIL image.
-
-    `convert` forces the decode here, so a corrupt or truncated file raises now (OSError / SyntaxError /
-    ValueError) rather than later inside a transform, and the file handle is closed before returning.
-    """
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
 class ToNormalizedTensor(torch.nn.Module):
     """PIL image or uint8 CHW tensor -> float32 CHW tensor, equal to `ToTensor()` then `Normalize(mean, std)`."""
 

@@ -7,7 +7,7 @@ from .triplet_loss import (
     batch_all_triplets,
     batch_hard_triplets,
     distance_matrix,
-    pair_distances,
+    paired_distances,
     select_triplets,
     triplet_selection_mask,
 )
@@ -19,7 +19,7 @@ __all__ = [
     "batch_all_triplets",
     "batch_hard_triplets",
     "distance_matrix",
-    "pair_distances",
+    "paired_distances",
     "select_triplets",
     "triplet_selection_mask",
 ]

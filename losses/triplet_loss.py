@@ -21,7 +21,7 @@ SELECTION_RULES = ("hard", "semihard", "all")
 PAIRWISE_EPS = 1e-6
 
 
-def pair_distances(x: torch.Tensor, y: torch.Tensor, squared: bool = False) -> torch.Tensor:
+def paired_distances(x: torch.Tensor, y: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """Row-wise distances between x[i] and y[i]."""
     distances = F.pairwise_distance(x, y, p=2.0, eps=PAIRWISE_EPS)
     return distances.pow(2) if squared else distances
@@ -62,8 +62,8 @@ class TripletLoss(nn.Module):
         if mask is None and anchor.shape[0] == 0:
             # a zero connected to the inputs: backward works and produces zero gradients
             return (anchor.sum() + positive.sum() + negative.sum()) * 0.0
-        positive_distances = pair_distances(anchor, positive, self.squared)
-        negative_distances = pair_distances(anchor, negative, self.squared)
+        positive_distances = paired_distances(anchor, positive, self.squared)
+        negative_distances = paired_distances(anchor, negative, self.squared)
         losses = F.relu(positive_distances - negative_distances + self.margin)
         if mask is None:
             return losses.mean()
@@ -92,8 +92,8 @@ def triplet_selection_mask(
     """
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown triplet selection rule {rule!r}; choose one of {SELECTION_RULES}")
-    positive_distances = pair_distances(anchor, positive, squared)
-    negative_distances = pair_distances(anchor, negative, squared)
+    positive_distances = paired_distances(anchor, positive, squared)
+    negative_distances = paired_distances(anchor, negative, squared)
     if rule == "hard":
         return negative_distances - positive_distances < margin
     if rule == "semihard":

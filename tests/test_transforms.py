@@ -4,13 +4,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from datasets.face_table import DECODE_ERRORS
+from datasets.image_files import DECODE_ERRORS, load_image
 from datasets.transforms import (
     FACE_MEAN,
     FACE_STD,
     ToNormalizedTensor,
     eval_transform,
-    load_image,
     train_transform,
 )
 from tests.conftest import write_random_image
