@@ -34,15 +34,16 @@ def brute_force_folds(num_pairs, num_folds):
         start += size
 
 
-def brute_force_accuracy(distances, labels, num_folds):
+def brute_force_accuracy(distances, labels, num_folds, folds=None):
     """Per fold: try every observed training distance, every midpoint, and one value above the maximum.
 
     Candidates are in increasing order and argmax keeps the first best training accuracy, so ties go to
     the smallest threshold, which for a given split of the training pairs is a midpoint. Each candidate is
-    scored directly on every training pair (a broadcast comparison, in chunks to bound memory).
+    scored directly on every training pair (a broadcast comparison, in chunks to bound memory). ``folds``
+    (a list of (train, test) index arrays) replaces the consecutive blocks.
     """
     accuracies, thresholds = [], []
-    for train, test in brute_force_folds(distances.size, num_folds):
+    for train, test in folds if folds is not None else brute_force_folds(distances.size, num_folds):
         values = np.unique(distances[train])
         candidates = [values[0]]
         for low, high in zip(values[:-1], values[1:], strict=True):
@@ -320,11 +321,15 @@ def test_fold_ids_keep_the_official_folds_when_pairs_are_dropped():
     keep[:37] = False
     kept = evaluate_lfw(distances[keep], labels[keep], fold_ids=fold_ids[keep])
     assert len(kept.accuracy) == 10
-    for fold in range(1, 10):
-        in_fold = fold_ids[keep] == fold
-        rates = eval_metrics.rates_at_threshold(
-            distances[keep][in_fold], labels[keep][in_fold], kept.best_distances[fold]
-        )
-        assert kept.accuracy[fold] == rates.accuracy
+    # the oracle: the brute-force threshold search over the official folds, built from the ids by hand
+    official_folds = [
+        (np.flatnonzero(fold_ids[keep] != fold), np.flatnonzero(fold_ids[keep] == fold)) for fold in range(10)
+    ]
+    accuracies, thresholds = brute_force_accuracy(distances[keep], labels[keep], 10, folds=official_folds)
+    np.testing.assert_allclose(kept.accuracy, accuracies, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(kept.best_distances, thresholds, rtol=1e-12)
+    # and consecutive blocks of the kept pairs would have given other folds (the bug this prevents)
+    shifted = evaluate_lfw(distances[keep], labels[keep], num_folds=10)
+    assert not np.array_equal(shifted.accuracy, kept.accuracy)
     with pytest.raises(ValueError, match="fold_ids"):
         evaluate_lfw(distances, labels, fold_ids=fold_ids[:-1])

@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 import train_center
 from losses import CenterLoss
 from tests.training_data import REPO, common_args
+from training.engine import backward_and_step
+from training.runtime import Runtime
 
 
 def run_main(args) -> int:
@@ -50,40 +53,52 @@ def test_one_epoch_writes_every_file(tiny_demo_data, tmp_path, capsys):
         assert (output_dir / "plots" / name).is_file()
 
 
-def test_resume_gives_the_same_weights_and_centers(tiny_demo_data, tmp_path):
-    straight = tmp_path / "straight"
-    assert run_main(center_args(tiny_demo_data, straight, "--epochs", "2")) == 0
-    split = tmp_path / "split"
-    assert run_main(center_args(tiny_demo_data, split, "--epochs", "1")) == 0
-    first = split / "checkpoints" / "model_resnet18_center_epoch_1.pt"
-    assert run_main(center_args(tiny_demo_data, split, "--epochs", "2", "--resume_path", first)) == 0
-    a = torch.load(straight / "checkpoints" / "model_resnet18_center_epoch_2.pt", weights_only=True)
-    b = torch.load(split / "checkpoints" / "model_resnet18_center_epoch_2.pt", weights_only=True)
-    for key, value in a["model_state_dict"].items():
-        assert torch.equal(value, b["model_state_dict"][key]), key
-    assert torch.equal(a["center_loss_state_dict"]["centers"], b["center_loss_state_dict"]["centers"])
+class FixedFeatures(torch.nn.Module):
+    """A stand-in embedding model whose (N, D, 1, 1) "images" are the features (so the oracle knows them)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.classifier = torch.nn.Linear(dim, num_classes, dtype=torch.float64)
+
+    def forward_training(self, images, logit_scale):
+        features = images.flatten(1)
+        return features, self.classifier(features * logit_scale)
 
 
-def test_centers_step_divides_the_gradient_by_the_weight_before_stepping():
-    """One training step of the real task moves the centers by lr * dL_center/dc, whatever the weight."""
-    from types import SimpleNamespace
-
-    weight, lr = 0.007, 0.5
+def center_step(weight: float, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor):
+    """One step of the real CenterTask (its step, then backward_and_step); returns the new centers."""
+    lr = 0.5
     task = train_center.CenterTask.__new__(train_center.CenterTask)
     task.args = SimpleNamespace(center_loss_weight=weight)
-    task.center_loss = CenterLoss(3, 4).double()
-    task.optimizers = [torch.optim.SGD(task.center_loss.parameters(), lr=lr)]
+    task.runtime = Runtime(torch.device("cpu"))
+    task.center_loss = CenterLoss(*centers.shape).double()
+    task.center_loss.centers.data.copy_(centers)
+    model = FixedFeatures(centers.shape[0], centers.shape[1])
+    step_module = train_center.CenterLossModule(model, task.center_loss, logit_scale=1.0)
+    task.optimizers = [
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.optim.SGD(task.center_loss.parameters(), lr=lr),
+    ]
+    out = task.step(step_module, (features[:, :, None, None], labels))
+    backward_and_step(task, out.loss)
+    return task.center_loss.centers.detach().clone()
+
+
+def test_centers_move_by_lr_times_the_unweighted_center_gradient_whatever_the_weight():
+    """The centers' SGD step is lr * dL_C/dc (L_C = mean_i ||x_i - c_yi||^2, written out here), for any
+    --center_loss_weight: the weight is undone on the centers' gradient before their optimizer steps."""
+    torch.manual_seed(0)
     features = torch.randn(5, 4, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 1])
-    before = task.center_loss.centers.detach().clone()
-    (weight * task.center_loss(features, labels)).backward()
-    task.before_optimizer_step()
-    task.optimizers[0].step()
-    for j, n_j in ((0, 2), (1, 3)):
+    centers = torch.randn(3, 4, dtype=torch.float64)
+    # the oracle: d/dc_j of mean_i ||x_i - c_yi||^2 is (2 / batch) * sum over members of (c_j - x_i)
+    expected = centers.clone()
+    for j in range(3):
         members = features[labels == j]
-        expected = before[j] - lr * (2.0 / 5) * (n_j * before[j] - members.sum(dim=0))
-        torch.testing.assert_close(task.center_loss.centers[j].detach(), expected)
-    torch.testing.assert_close(task.center_loss.centers[2].detach(), before[2])
+        expected[j] -= 0.5 * (2.0 / len(features)) * (len(members) * centers[j] - members.sum(dim=0))
+    for weight in (0.007, 1.0):
+        torch.testing.assert_close(center_step(weight, features, labels, centers), expected)
+    assert torch.equal(expected[2], centers[2])  # a class without members stays put
 
 
 def test_two_processes_with_gloo(tiny_demo_data, tmp_path):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import eval_metrics
 import validate_on_LFW
+from datasets.lfw_dataset import find_lfw_image, read_pairs
 from fileio import write_json_atomic
 from inference import FaceEmbedder, distance, embed_images
 from models import build_model
@@ -171,6 +172,14 @@ def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsy
         return loaded
 
     monkeypatch.setattr(validate_on_LFW, "load_checkpoint", load_tiny)
+    seen = {}
+    real_evaluate = eval_metrics.evaluate_lfw
+
+    def recording_evaluate(distances, labels, **kwargs):
+        seen["distances"], seen["labels"] = np.array(distances), np.array(labels)
+        return real_evaluate(distances, labels, **kwargs)
+
+    monkeypatch.setattr(eval_metrics, "evaluate_lfw", recording_evaluate)
     status = main(
         ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
         + ["--batch_size", "256", "--num_workers", "1", "--no_progress"]
@@ -196,7 +205,19 @@ def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsy
     assert report["evaluation"]["num_pairs"] == 6000 and report["evaluation"]["num_images"] == NUM_LFW_IMAGES
     assert report["checkpoint"]["path"] == str(checkpoint.resolve())
     assert report["checkpoint"]["layout"] == "this repository"
-    assert 0.0 <= report["metrics"]["accuracy_mean"] <= 1.0 and len(report["per_fold"]["accuracy"]) == 10
+    assert len(report["per_fold"]["accuracy"]) == 10
+    # the labels are the official ones (each fold: 300 same, then 300 different), and sampled distances
+    # equal those of the two images embedded on their own
+    np.testing.assert_array_equal(seen["labels"], np.tile(np.repeat([True, False], 300), 10))
+    pairs = read_pairs(LFW_PAIRS)
+    embedder = FaceEmbedder(load_tiny(checkpoint))
+    for index in np.random.default_rng(0).choice(6000, size=12, replace=False):
+        a, b = pairs.first[index], pairs.second[index]
+        images = [find_lfw_image(str(LFW_DIR), *a), find_lfw_image(str(LFW_DIR), *b)]
+        assert seen["distances"][index] == pytest.approx(float(distance(*embedder.embed(images))), abs=1e-5)
+    oracle = real_evaluate(seen["distances"], seen["labels"], num_folds=10)
+    assert report["metrics"]["accuracy_mean"] == pytest.approx(float(oracle.accuracy.mean()))
+    assert report["per_fold"]["accuracy"] == pytest.approx(oracle.accuracy.tolist())
     assert (output_dir / "lfw_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,0 +1,236 @@
+"""The training engine (training/): samplers, the step's bookkeeping, precision, schedules and resume."""
+
+import csv
+import math
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import train_center
+import train_triplet
+from losses import TripletLoss
+from models import build_model
+from tests.training_data import common_args
+from training.data import ShardSampler, SkipBatches
+from training.engine import (
+    MAX_CONSECUTIVE_NONFINITE,
+    StepOutput,
+    Trainer,
+    TrainingDiverged,
+    TrainingTask,
+)
+from training.records import EpochTotals
+from training.runtime import Runtime
+
+# ------------------------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shard_sampler_shares_are_disjoint_equal_and_cover_the_epoch(shuffle):
+    num_items, world_size = 23, 3
+    shares = [
+        list(ShardSampler(num_items, rank, world_size, shuffle=shuffle, seed=7)) for rank in range(world_size)
+    ]
+    assert [len(share) for share in shares] == [7, 7, 7]  # 23 // 3; the remainder is dropped
+    union = [item for share in shares for item in share]
+    assert len(set(union)) == 21 and set(union) <= set(range(num_items))
+    if shuffle:
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(7)).tolist()
+        assert union == order[:21]  # one permutation from the seed alone, cut into contiguous shares
+        assert union != sorted(union)
+    else:
+        assert union == list(range(21))
+
+
+def test_shard_sampler_starts_mid_share():
+    full = list(ShardSampler(20, 1, 2, shuffle=True, seed=3))
+    resumed = ShardSampler(20, 1, 2, start=4, shuffle=True, seed=3)
+    assert list(resumed) == full[4:] and len(resumed) == len(full) - 4
+
+
+def test_skip_batches_drops_exactly_the_first_batches():
+    batches = torch.utils.data.BatchSampler(range(10), batch_size=3, drop_last=False)
+    skipped = SkipBatches(batches, 2)
+    assert list(skipped) == list(batches)[2:] == [[6, 7, 8], [9]]
+    assert len(skipped) == 2
+    assert list(SkipBatches(batches, 0)) == list(batches)
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+class LinearTask(TrainingTask):
+    """A task whose loss is chosen per step: a real finite loss, or NaN."""
+
+    name = "linear"
+    count_name = "samples"
+
+    def __init__(self, runtime):
+        args = SimpleNamespace(lr_schedule="constant", epochs=1, seed=0, model="linear", embedding_dim=2)
+        super().__init__(args, runtime)
+        torch.manual_seed(0)
+        self.model = self.step_module = nn.Linear(3, 2)
+        self.optimizers = [torch.optim.SGD(self.model.parameters(), lr=0.1)]
+
+    def step(self, step_module, batch):
+        inputs, finite = batch
+        loss = step_module(inputs).pow(2).mean()
+        if not finite:
+            loss = loss * float("nan")
+        count = torch.tensor(float(inputs.shape[0]))
+        return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
+
+
+def test_a_nonfinite_loss_skips_the_step_and_five_in_a_row_stop_the_run(tmp_path):
+    task = LinearTask(Runtime(torch.device("cpu")))
+    trainer = Trainer(task, tmp_path, validator=None)
+    inputs = torch.randn(4, 3)
+    totals = EpochTotals()
+    before = [p.detach().clone() for p in task.model.parameters()]
+    trainer.train_step(0, 1, (inputs, False), totals)
+    assert all(torch.equal(a, b) for a, b in zip(before, task.model.parameters(), strict=True))
+    assert all(p.grad is None for p in task.model.parameters())  # nothing left for the next step
+    assert (totals.skipped_steps, totals.count) == (1, 0.0)
+
+    trainer.train_step(0, 2, (inputs, True), totals)  # a finite step trains and resets the streak
+    assert not torch.equal(before[0], task.model.weight)
+    assert totals.count == 4 and totals.loss_sum > 0
+    for step in range(3, 3 + MAX_CONSECUTIVE_NONFINITE - 1):
+        trainer.train_step(0, step, (inputs, False), totals)
+    with pytest.raises(TrainingDiverged, match="5 steps in a row"):
+        trainer.train_step(0, 99, (inputs, False), totals)
+    assert totals.skipped_steps == 1 + MAX_CONSECUTIVE_NONFINITE
+
+
+def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    real_step = train_triplet.TripletTask.step
+
+    def nan_step(self, step_module, batch):
+        out = real_step(self, step_module, batch)
+        return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
+
+    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_step)
+    args = [*common_args(tiny_demo_data, tmp_path / "run"), "--num_triplets_train", "48", "--batch_size", "8"]
+    assert train_triplet.main([str(a) for a in args]) == 3
+    out = capsys.readouterr().out
+    assert "5 steps in a row had a non-finite loss" in out and "lower --lr" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_bf16_autocast_step_on_the_cpu_is_close_to_fp32():
+    """The real triplet step under the autocast the trainer uses: loss and gradients close to fp32's."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", embedding_dim=16).to(memory_format=torch.channels_last)
+    images = torch.randn(3 * 8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    select = train_triplet.selection_rule(10.0, "hard")  # margin 10: every triplet is kept, on both sides
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss, count = train_triplet.masked_single_pass(model, images, select, TripletLoss(margin=10.0))
+        loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[dtype] = (loss.item(), int(count), gradient)
+    (loss32, count32, grad32), (loss16, count16, grad16) = results[None], results[torch.bfloat16]
+    assert count32 == count16 == 8
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert torch.isfinite(grad16).all()
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.85
+
+
+# ------------------------------------------------------------------------------------------- whole runs
+
+
+def final_checkpoint(output_dir, task, epoch):
+    path = output_dir / "checkpoints" / f"model_resnet18_{task}_epoch_{epoch}.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+RESUME_CASES = {
+    # script, its flags (3 steps an epoch), lr schedule, the step during which SIGINT arrives (counting
+    # from 1 over the run): 3 = the last step of epoch 1, so the run stops after that epoch; 5 = mid-epoch 2
+    "triplet-constant-after-epoch": (
+        train_triplet,
+        ["--num_triplets_train", "24", "--batch_size", "8"],
+        "constant",
+        3,
+    ),
+    "center-cosine-mid-epoch": (train_center, ["--batch_size", "10"], "cosine", 5),
+    "triplet-cosine-mid-epoch": (
+        train_triplet,
+        ["--num_triplets_train", "24", "--batch_size", "8"],
+        "cosine",
+        5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path, monkeypatch, case):
+    """A run stopped by SIGINT and resumed from its checkpoint ends with the weights, optimizer, schedule
+    and history of the same run uninterrupted."""
+    script, extra, schedule, interrupt_at = RESUME_CASES[case]
+    task_class = train_triplet.TripletTask if script is train_triplet else train_center.CenterTask
+    task = task_class.name
+    args = [*common_args(tiny_demo_data, tmp_path), *extra, "--lr_schedule", schedule, "--epochs", "2"]
+
+    def run(output_dir, *more):
+        argv = [str(a) for a in args] + ["--output_dir", str(output_dir), *(str(m) for m in more)]
+        return script.main(argv)
+
+    assert run(tmp_path / "straight") == 0
+    real_step, calls = task_class.step, []
+
+    def step_then_interrupt(self, step_module, batch):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, step_module, batch)
+
+    monkeypatch.setattr(task_class, "step", step_then_interrupt)
+    assert run(tmp_path / "split") == 130
+    monkeypatch.setattr(task_class, "step", real_step)
+    if interrupt_at % 3:  # mid-epoch: the epoch in flight is saved as "interrupted"
+        checkpoint = tmp_path / "split" / "checkpoints" / f"model_resnet18_{task}_epoch_2_interrupted.pt"
+    else:
+        checkpoint = tmp_path / "split" / "checkpoints" / f"model_resnet18_{task}_epoch_1.pt"
+    assert checkpoint.is_file()
+    assert run(tmp_path / "split", "--resume_path", checkpoint) == 0
+
+    a, b = final_checkpoint(tmp_path / "straight", task, 2), final_checkpoint(tmp_path / "split", task, 2)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    for key in ("optimizer_model_state_dict", "optimizer_centerloss_state_dict", "center_loss_state_dict"):
+        if key in a:
+            assert str(a[key]) == str(b[key]), key
+    assert a["history"] == b["history"]
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+    with (tmp_path / "split" / "training_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    # the lr each epoch trained with: cosine over 2 epochs is lr, then lr * (1 + cos(pi / 2)) / 2
+    expected = [0.001, 0.001 * (1 + math.cos(math.pi / 2)) / 2] if schedule == "cosine" else [0.001] * 2
+    assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
+
+
+def test_data_workers_give_a_reproducible_run(tiny_demo_data, tmp_path):
+    """Two worker processes load and augment; the same seed gives the same weights, run after run."""
+    weights = []
+    for name in ("a", "b"):
+        args = [
+            *common_args(tiny_demo_data, tmp_path / name),
+            "--num_triplets_train",
+            "24",
+            "--batch_size",
+            "8",
+        ]
+        args[args.index("--num_workers") + 1] = "2"
+        assert train_triplet.main([str(a) for a in args + ["--epochs", "1"]]) == 0
+        weights.append(final_checkpoint(tmp_path / name, "triplet", 1)["model_state_dict"])
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
