@@ -45,6 +45,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -260,110 +261,156 @@ def evaluate(task, lfw_dataset) -> dict:
     return eval_metrics.metrics_summary(metrics)
 
 
+@dataclass
+class RunProgress:
+    """What a run has done so far: its accuracy curve and the counts its record reports."""
+
+    curve: list[dict] = field(default_factory=list)
+    epoch: int = 0
+    steps: int = 0
+    images: int = 0
+    trained_on: float = 0.0
+    skipped: int = 0
+    loss_sum: float = 0.0  # since the last evaluation
+    loss_count: float = 0.0
+    eval_cpu: float = 0.0
+
+
 def train_one(job: dict) -> dict:
     """One (method, settings, seed) run in this process; returns its record (also cached as JSON)."""
     import torch
 
     torch.set_num_threads(1)
-    import train_center
-    import train_triplet
-    from datasets.lfw_dataset import LFWDataset
-    from datasets.transforms import eval_transform
-    from training.engine import backward_and_step
-    from training.runtime import Runtime, epoch_seed, seed_everything
+    from training.runtime import Runtime, seed_everything
 
-    method, settings, seed = job["method"], job["settings"], job["seed"]
-    output_dir = Path(job["work_dir"]) / "runs" / job["key"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    argv = script_argv(method, settings, seed, job["split"], output_dir)
-    # "untrained" is any triplet task evaluated before its first step: with the same seed every method starts
-    # from the same embedding network (the center task's classifier is built after it)
-    script, task_class = (
-        (train_center, train_center.CenterTask)
-        if method == "center"
-        else (train_triplet, train_triplet.TripletTask)
-    )
-    args = script.get_args_parser().parse_args(argv)
+    argv, args, task_class = parse_run_flags(job)
     runtime = Runtime(torch.device("cpu"))
-    lfw_dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
-    if len(lfw_dataset.issame) != job["split"]["num_test_pairs"]:
-        raise AssertionError("the evaluation pairs are not the 3,000 of folds 6-10")
+    lfw_dataset = load_test_pairs(args, job["split"])
     load_before = os.getloadavg()[0]
     wall_start = time.perf_counter()
     seed_everything(args.seed)
     task = task_class(args, runtime)
-
-    budget, eval_points = job["budget"], list(job["eval_points"])
-    clock = TrainingClock()
-    curve, steps, images, trained_on, skipped, epoch = [], 0, 0, 0.0, 0, 0
-    loss_sum, loss_count, eval_cpu = 0.0, 0.0, 0.0
-    if method == "untrained":
-        eval_points = []
-        curve.append(
+    if job["method"] == "untrained":
+        progress = RunProgress()
+        progress.curve.append(
             {"train_cpu_s": 0.0, "steps": 0, "images": 0, "epochs": 0, **evaluate(task, lfw_dataset)}
         )
-    while eval_points:
-        task.step_module.train()
-        torch.manual_seed(epoch_seed(args.seed, epoch))
-        for batch in task.batches(epoch, 0):
-            out = task.step(task.step_module, batch)
-            if torch.isfinite(out.loss_sum):
-                backward_and_step(task, out.loss)
-                loss_sum += float(out.loss_sum)
-                loss_count += float(out.count)
-                trained_on += float(out.count)
-            else:  # the Trainer skips such a step too
-                skipped += 1
-                for optimizer in task.optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            images += images_in(batch)
-            if clock.elapsed() >= eval_points[0]:
-                paused_at = clock.pause()
-                point = {
-                    "train_cpu_s": round(clock.elapsed(), 2),
-                    "steps": steps,
-                    "images": images,
-                    "epochs": epoch,
-                    "train_loss": loss_sum / loss_count if loss_count else None,
-                    **evaluate(task, lfw_dataset),
-                }
-                loss_sum = loss_count = 0.0
-                clock.resume(paused_at)
-                eval_cpu = clock.paused
-                curve.append(point)
-                print(
-                    f"{job['key']}: {point['train_cpu_s']:.0f} cpu-s, {steps} steps, "
-                    f"accuracy {point['accuracy_mean']:.4f}",
-                    flush=True,
-                )
-                eval_points.pop(0)
-                if not eval_points:
-                    break
-        epoch += 1
+    else:
+        progress = train_within_budget(job, task, args, lfw_dataset)
     record = {
         "key": job["key"],
-        "method": method,
-        "settings": settings,
-        "seed": seed,
-        "budget_cpu_s": budget,
+        "method": job["method"],
+        "settings": job["settings"],
+        "seed": job["seed"],
+        "budget_cpu_s": job["budget"],
         "clock": "process CPU time (time.process_time), 1 torch thread, num_workers=0, evaluation excluded",
-        "curve": curve,
-        "final": curve[-1],
-        "steps": steps,
-        "images": images,
-        f"{task.count_name}_trained_on": trained_on,
-        "skipped_steps": skipped,
-        "eval_cpu_s": round(eval_cpu, 1),
+        "curve": progress.curve,
+        "final": progress.curve[-1],
+        "steps": progress.steps,
+        "images": progress.images,
+        f"{task.count_name}_trained_on": progress.trained_on,
+        "skipped_steps": progress.skipped,
+        "eval_cpu_s": round(progress.eval_cpu, 1),
         "wall_s": round(time.perf_counter() - wall_start, 1),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "argv": argv,
     }
+    save_record(job, record)
+    return record
+
+
+def parse_run_flags(job: dict) -> tuple[list[str], argparse.Namespace, type]:
+    """The run's training-script argv, parsed by that script's own parser, and the task class to build."""
+    import train_center
+    import train_triplet
+
+    output_dir = Path(job["work_dir"]) / "runs" / job["key"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv = script_argv(job["method"], job["settings"], job["seed"], job["split"], output_dir)
+    # "untrained" is any triplet task evaluated before its first step: with the same seed every method starts
+    # from the same embedding network (the center task's classifier is built after it)
+    script, task_class = (
+        (train_center, train_center.CenterTask)
+        if job["method"] == "center"
+        else (train_triplet, train_triplet.TripletTask)
+    )
+    return argv, script.get_args_parser().parse_args(argv), task_class
+
+
+def load_test_pairs(args: argparse.Namespace, split: dict):
+    """The LFW pairs of folds 6-10, checked to be the ones the split wrote."""
+    from datasets.lfw_dataset import LFWDataset
+    from datasets.transforms import eval_transform
+
+    lfw_dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
+    if len(lfw_dataset.issame) != split["num_test_pairs"]:
+        raise AssertionError("the evaluation pairs are not the 3,000 of folds 6-10")
+    return lfw_dataset
+
+
+def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset) -> RunProgress:
+    """Train as training.engine.Trainer does, evaluating at each of the job's CPU-time points, until the last."""
+    import torch
+
+    from training.engine import backward_and_step
+    from training.runtime import epoch_seed
+
+    eval_points = list(job["eval_points"])
+    clock = TrainingClock()
+    progress = RunProgress()
+    while eval_points:
+        task.step_module.train()
+        torch.manual_seed(epoch_seed(args.seed, progress.epoch))
+        for batch in task.batches(progress.epoch, 0):
+            out = task.step(task.step_module, batch)
+            if torch.isfinite(out.loss_sum):
+                backward_and_step(task, out.loss)
+                progress.loss_sum += float(out.loss_sum)
+                progress.loss_count += float(out.count)
+                progress.trained_on += float(out.count)
+            else:  # the Trainer skips such a step too
+                progress.skipped += 1
+                for optimizer in task.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+            progress.steps += 1
+            progress.images += images_in(batch)
+            if clock.elapsed() >= eval_points[0]:
+                add_evaluation(job["key"], task, lfw_dataset, clock, progress)
+                eval_points.pop(0)
+                if not eval_points:
+                    break
+        progress.epoch += 1
+    return progress
+
+
+def add_evaluation(key: str, task, lfw_dataset, clock: TrainingClock, progress: RunProgress) -> None:
+    """Evaluate with the clock paused, append the point to the curve and print it."""
+    paused_at = clock.pause()
+    point = {
+        "train_cpu_s": round(clock.elapsed(), 2),
+        "steps": progress.steps,
+        "images": progress.images,
+        "epochs": progress.epoch,
+        "train_loss": progress.loss_sum / progress.loss_count if progress.loss_count else None,
+        **evaluate(task, lfw_dataset),
+    }
+    progress.loss_sum = progress.loss_count = 0.0
+    clock.resume(paused_at)
+    progress.eval_cpu = clock.paused
+    progress.curve.append(point)
+    print(
+        f"{key}: {point['train_cpu_s']:.0f} cpu-s, {progress.steps} steps, "
+        f"accuracy {point['accuracy_mean']:.4f}",
+        flush=True,
+    )
+
+
+def save_record(job: dict, record: dict) -> None:
+    """Cache the record as <work_dir>/records/<key>.json, where run_jobs looks for it."""
     records_dir = Path(job["work_dir"]) / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     (records_dir / f"{job['key']}.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
 
 
 # --------------------------------------------------------------------------------------------- scheduling

@@ -28,6 +28,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,7 +211,7 @@ def matmul_flops_per_second(device, size: int = 4096, repeats: int = 5) -> float
     return 2 * size**3 / best
 
 
-def main(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -235,11 +236,11 @@ def main(argv=None):
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     parser.add_argument("--with_data", action="store_true", help="also measure with real data loading")
     parser.add_argument("--num_workers", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser
 
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
-    workers = args.num_workers if args.num_workers is not None else usable_workers(16)
+
+def print_setup(args, device, amp_dtype) -> None:
+    """One line: the device, the precision and the batch and step counts measured."""
     where = torch.cuda.get_device_name(device) + " GPU" if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(
         f"device {device} ({where}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -247,44 +248,92 @@ def main(argv=None):
         f"({3 * args.batch_size} images) a step, {args.steps} timed steps after {args.warmup} warm-up, "
         f"median of {args.repeats}"
     )
-    peak = matmul_flops_per_second(device)  # measured again at the end; the higher one counts
+
+
+def print_table_header(with_data: bool) -> None:
     print(
         "| model | px | step | hard triplets | img/s | speed-up |"
-        + (" with data img/s | of ceiling |" if args.with_data else "")
+        + (" with data img/s | of ceiling |" if with_data else "")
     )
-    print("| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: |" if args.with_data else ""))
+    print("| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: | ---: |" if with_data else ""))
+
+
+def step_makers(hard_shares, device, amp_dtype) -> dict:
+    """{(step name, hard triplets): model -> step}, the original's first (the speed-ups are relative to it)."""
+    makers = {
+        ("original: fp32, NCHW, three passes", "rule"): lambda model: OriginalStep(model, device),
+        ("ours, one pass (default)", "rule"): lambda model: OurStep(model, device, amp_dtype, False),
+        ("ours, selection pass (--selection_pass)", "rule"): lambda model: OurStep(
+            model, device, amp_dtype, True
+        ),
+    }
+    for share in hard_shares:
+        makers[("ours, selection pass (--selection_pass)", f"{share:.0%}")] = lambda model, share=share: (
+            OurStep(model, device, amp_dtype, True, hard_fraction=share)
+        )
+    return makers
+
+
+def time_steps(makers: dict, args, image_size: int, device):
+    """Median images/s of each step on synthetic batches, the hard rule's shares, and a one-pass step.
+
+    The one-pass step (of the last repeat) is kept for the measurement with data; None without --with_data.
+    """
+    rates = {key: [] for key in makers}
+    shares: dict[tuple, str] = {}
+    with_data_step = None
+    count = args.warmup + args.steps
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
+        for key, make in makers.items():
+            # one model alive at a time, built afresh from the same seed, so that no step runs
+            # beside the memory of the others
+            torch.manual_seed(0)
+            step = make(build_model(args.model, 128))
+            batches = synthetic_batches(args.batch_size, image_size, count)
+            rates[key].append(measure(step, batches, device, args.warmup))
+            if key[1] == "rule" and isinstance(step, OurStep):  # what the rule kept while timed
+                shares[key] = f"rule: {step.chosen.item() / step.offered:.0%}"
+            if args.with_data and "one pass" in key[0]:
+                with_data_step = step
+            del step
+            gc.collect()
+    medians = {key: statistics.median(values) for key, values in rates.items()}
+    return medians, shares, with_data_step
+
+
+def measure_with_data(step, args, image_size: int, workers: int, device) -> float:
+    """Images/s of `step` on batches loaded, decoded and augmented from the LFW images."""
+    count = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = real_batches(args.batch_size, image_size, 4 * count, workers, Path(tmp))
+        return measure_pipeline(step, batches, device, args.warmup)
+
+
+def print_compute(image_size, train_flops, forward_flops, peak, original_rate, one_pass_rate) -> None:
+    """How close the original and the one pass come to the FLOP bound that the matmul peak sets."""
+    print(
+        f"compute at {image_size} px: {train_flops / 1e9:.2f} GFLOP per image forward + backward "
+        f"({forward_flops / 1e9:.2f} forward alone); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, so a "
+        f"step doing the original's work cannot pass {peak / train_flops:.1f} img/s = "
+        f"{peak / train_flops / original_rate:.2f}x the original, which reached "
+        f"{original_rate * train_flops / peak:.0%} of that peak and the one pass "
+        f"{one_pass_rate * train_flops / peak:.0%}",
+        flush=True,
+    )
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    workers = args.num_workers if args.num_workers is not None else usable_workers(16)
+    print_setup(args, device, amp_dtype)
+    peak = matmul_flops_per_second(device)  # measured again after each size; the higher one counts
+    print_table_header(args.with_data)
     for image_size in args.image_size:
         train_flops, forward_flops = flops_per_image(args.model, image_size)
-
-        makers = {
-            ("original: fp32, NCHW, three passes", "rule"): lambda model: OriginalStep(model, device),
-            ("ours, one pass (default)", "rule"): lambda model: OurStep(model, device, amp_dtype, False),
-            ("ours, selection pass (--selection_pass)", "rule"): lambda model: OurStep(
-                model, device, amp_dtype, True
-            ),
-        }
-        for share in args.hard_shares:
-            makers[("ours, selection pass (--selection_pass)", f"{share:.0%}")] = lambda model, share=share: (
-                OurStep(model, device, amp_dtype, True, hard_fraction=share)
-            )
-        rates = {key: [] for key in makers}
-        shares: dict[tuple, str] = {}
-        count = args.warmup + args.steps
-        for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
-            for key, make in makers.items():
-                # one model alive at a time, built afresh from the same seed, so that no step runs
-                # beside the memory of the others
-                torch.manual_seed(0)
-                step = make(build_model(args.model, 128))
-                batches = synthetic_batches(args.batch_size, image_size, count)
-                rates[key].append(measure(step, batches, device, args.warmup))
-                if key[1] == "rule" and isinstance(step, OurStep):  # what the rule kept while timed
-                    shares[key] = f"rule: {step.chosen.item() / step.offered:.0%}"
-                if args.with_data and "one pass" in key[0]:
-                    with_data_step = step
-                del step
-                gc.collect()
-        medians = {key: statistics.median(values) for key, values in rates.items()}
+        makers = step_makers(args.hard_shares, device, amp_dtype)
+        medians, shares, with_data_step = time_steps(makers, args, image_size, device)
         original_rate = next(iter(medians.values()))
         one_pass_key = next(key for key in makers if "one pass" in key[0])
         for key, rate in medians.items():
@@ -293,25 +342,13 @@ def main(argv=None):
                 f"| {rate / original_rate:.2f}x |"
             )
             if args.with_data and key == one_pass_key:
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    batches = real_batches(args.batch_size, image_size, 4 * count, workers, Path(tmp))
-                    with_data = measure_pipeline(with_data_step, batches, device, args.warmup)
+                with_data = measure_with_data(with_data_step, args, image_size, workers, device)
                 row += f" {with_data:.1f} | {with_data / rate:.2f} |"
             elif args.with_data:
                 row += " | |"
             print(row, flush=True)
         peak = max(peak, matmul_flops_per_second(device))
-        print(
-            f"compute at {image_size} px: {train_flops / 1e9:.2f} GFLOP per image forward + backward "
-            f"({forward_flops / 1e9:.2f} forward alone); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, so a "
-            f"step doing the original's work cannot pass {peak / train_flops:.1f} img/s = "
-            f"{peak / train_flops / original_rate:.2f}x the original, which reached "
-            f"{original_rate * train_flops / peak:.0%} of that peak and the one pass "
-            f"{medians[one_pass_key] * train_flops / peak:.0%}",
-            flush=True,
-        )
+        print_compute(image_size, train_flops, forward_flops, peak, original_rate, medians[one_pass_key])
 
 
 if __name__ == "__main__":

@@ -98,14 +98,7 @@ def read_face_csv(root_dir, csv_path) -> FaceTable:
     finder = _ExtensionFinder(root_dir)
     class_parts, name_parts, num_rows = [], [], 0
     for chunk in _read_chunks(csv_path, columns):
-        ids = chunk["id"].to_numpy(dtype=object)
-        empty_id = ids == ""
-        if bool(empty_id.any()):
-            raise InputError(f"{csv_path}: row {num_rows + int(np.argmax(empty_id)) + 2} has an empty id")
-        name_codes = chunk["name"].cat.codes.to_numpy()
-        chunk_names = [str(name) for name in chunk["name"].cat.categories]
-        if "" in chunk_names:
-            raise InputError(f"{csv_path}: a row has an empty identity name")
+        ids, name_codes, chunk_names = _ids_and_names(chunk, csv_path, num_rows)
         exts = _chunk_extensions(chunk, ids, name_codes, chunk_names, finder)
         prefixes = np.array([os.path.join(root_dir, name, "") for name in chunk_names], dtype=object)[
             name_codes
@@ -143,6 +136,24 @@ def read_face_csv(root_dir, csv_path) -> FaceTable:
 
 
 _CHUNK_ROWS = 1 << 19
+
+
+def _ids_and_names(
+    chunk: pd.DataFrame, csv_path: str, first_row: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A chunk's ids (object array), its rows' name codes and its names; an empty id or name is an InputError.
+
+    `first_row` is the number of rows before the chunk, so that a message can give the file's line.
+    """
+    ids = chunk["id"].to_numpy(dtype=object)
+    empty_id = ids == ""
+    if bool(empty_id.any()):
+        raise InputError(f"{csv_path}: row {first_row + int(np.argmax(empty_id)) + 2} has an empty id")
+    name_codes = chunk["name"].cat.codes.to_numpy()
+    chunk_names = [str(name) for name in chunk["name"].cat.categories]
+    if "" in chunk_names:
+        raise InputError(f"{csv_path}: a row has an empty identity name")
+    return ids, name_codes, chunk_names
 
 
 def empty_path_array(size: int) -> np.ndarray:
