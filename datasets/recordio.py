@@ -1,0 +1,590 @@
+"""MXNet RecordIO training sets (`train.rec` + `train.idx`, as insightface ships MS1M, Glint360K, ...), without mxnet.
+
+mxnet no longer installs on current Python, so this is a reader and writer of our own, written from the format:
+
+- `.rec` (dmlc-core's RecordIO, https://github.com/dmlc/dmlc-core/blob/main/include/dmlc/recordio.h): records
+  one after another. A record is a little-endian uint32 magic number 0xced7230a, a uint32 `lrecord` (upper 3
+  bits: continuation flag, lower 29 bits: payload length), then the payload padded with zeros to a multiple of
+  4 bytes. A writer that meets the magic number at a 4-aligned position inside a payload splits the payload
+  there into parts (flag 1 = first, 2 = middle, 3 = last; 0 = whole record) and drops those 4 bytes; a
+  reader joins the parts with the magic number between them. We read such records; we write flag 0 only.
+- `.idx`: text lines `key<TAB>byte offset of the record in the .rec`.
+- image payload (mxnet.recordio.pack, https://mxnet.apache.org/versions/1.9.1/api/python/docs/api/mxnet/recordio/):
+  a `<IfQQ` header (flag, label, id, id2); when flag > 0, `flag` float32 values follow (a label vector whose
+  first value is the class); then the encoded image bytes, stored as the original file (JPEG/PNG).
+- insightface's layout (https://github.com/deepinsight/insightface/tree/master/recognition/arcface_torch,
+  `dataset.py`): record 0 is a header without image whose label vector [a, b] says that keys 1 .. a-1 are the
+  images (and keys a .. b-1 hold one record per identity, label vector [first, end) of its image keys). A file
+  without such a record 0 is read as "every key in the .idx is an image".
+
+`RecordIOFaceDataset` reads the labels of all images once, at construction, from the first 36 bytes of each
+record: a vectorised gather from a memory map of the .rec, so 100,000 images take a fraction of a second and
+no image byte is read. `write_recordio` packs a folder of identity folders, resumably.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+import os
+import struct
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from datasets.face_table import DECODE_ERRORS, FaceTable, read_face_csv
+from datasets.generate_csv_files import generate_csv
+from errors import InputError, first_line
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+LENGTH_BITS = 29
+MAX_PAYLOAD = (1 << LENGTH_BITS) - 1
+RECORD_HEAD = struct.Struct("<II")  # magic, lrecord
+IMAGE_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
+# magic + lrecord + image header + the first value of a label vector: all a label needs
+_LABEL_WINDOW = RECORD_HEAD.size + IMAGE_HEADER.size + 4
+# float32 holds every integer up to 2**24 exactly; beyond it, labels and the header's key range would round
+MAX_EXACT_FLOAT32_INT = 1 << 24
+_LABEL_CHUNK = 1 << 16
+# the header record insightface writes at key 0: a 24-byte header and a two-value label vector
+HEADER_RECORD_SIZE = RECORD_HEAD.size + IMAGE_HEADER.size + 8
+
+
+class RecordHeader(NamedTuple):
+    """mxnet's IRHeader: `label` is a float, or (flag > 0) a float32 vector whose first value is the class."""
+
+    flag: int
+    label: float | np.ndarray
+    id: int
+    id2: int
+
+
+def padded_length(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def index_path_for(rec_path) -> str:
+    """`train.rec` -> `train.idx`, the index insightface ships next to each .rec."""
+    return os.path.splitext(os.fspath(rec_path))[0] + ".idx"
+
+
+def pack_record(label, image_bytes, id=0, id2=0, label_vector=None) -> bytes:
+    """The payload of one image record: header, optional label vector, image bytes (mxnet.recordio.pack's layout).
+
+    `id` and `id2` keep the names of mxnet's IRHeader fields, which readers of the format know.
+
+    With `label_vector`, the header's flag is its length and its values follow the header; `label` is then
+    only the header's scalar field (insightface readers use the vector's first value).
+    """
+    vector = b""
+    flag = 0
+    if label_vector is not None:
+        values = np.asarray(label_vector, dtype="<f4").ravel()
+        flag, vector = len(values), values.tobytes()
+    return IMAGE_HEADER.pack(flag, float(label), int(id), int(id2)) + vector + bytes(image_bytes)
+
+
+def unpack_header(payload) -> tuple[RecordHeader, bytes]:
+    """(header, image bytes) of a record payload; a payload too short for its header raises InputError."""
+    payload = bytes(payload)
+    if len(payload) < IMAGE_HEADER.size:
+        raise InputError(
+            f"record payload of {len(payload)} bytes is shorter than the {IMAGE_HEADER.size}-byte header"
+        )
+    flag, label, record_id, record_id2 = IMAGE_HEADER.unpack_from(payload)
+    start = IMAGE_HEADER.size
+    if flag > 0:
+        end = start + 4 * flag
+        if len(payload) < end:
+            raise InputError(
+                f"record payload of {len(payload)} bytes is too short for its {flag} label values"
+            )
+        label = np.frombuffer(payload, dtype="<f4", count=flag, offset=start).astype(np.float32)
+        start = end
+    return RecordHeader(flag, label, record_id, record_id2), payload[start:]
+
+
+def encode_record(payload: bytes) -> bytes:
+    """One whole (flag 0) record: magic, length, payload, zero padding to a multiple of 4 bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise InputError(
+            f"a record payload of {len(payload)} bytes exceeds RecordIO's limit of {MAX_PAYLOAD}"
+        )
+    padding = b"\0" * (padded_length(len(payload)) - len(payload))
+    return RECORD_HEAD.pack(MAGIC, len(payload)) + payload + padding
+
+
+class RecordIOReader:
+    """Random access to the records of a `.rec` through its `.idx`: `reader.read(key) -> payload bytes`.
+
+    `keys` (sorted) and `offsets` are int64 arrays; `fingerprint` is the sha256 of the .idx bytes. The file is
+    opened at the first read and again in every new process (each DataLoader worker gets its own handle; a
+    pickled reader carries no handle).
+    """
+
+    def __init__(self, rec_path, idx_path=None):
+        self.rec_path = os.fspath(rec_path)
+        self.idx_path = os.fspath(idx_path) if idx_path is not None else index_path_for(self.rec_path)
+        if not os.path.isfile(self.rec_path):
+            raise InputError(f"RecordIO file not found: {self.rec_path}")
+        if not os.path.isfile(self.idx_path):
+            raise InputError(f"RecordIO index not found: {self.idx_path} (expected next to {self.rec_path})")
+        self.file_size = os.path.getsize(self.rec_path)
+        self.keys, self.offsets, self.fingerprint = _read_index(self.idx_path)
+        past_end = self.offsets + RECORD_HEAD.size > self.file_size
+        if past_end.any():
+            row = int(np.argmax(past_end))
+            raise InputError(
+                f"{self.idx_path}: key {self.keys[row]} points to byte {self.offsets[row]}, past the end of "
+                f"{self.rec_path} ({self.file_size} bytes; truncated .rec or an index of another file?)"
+            )
+        self._handle = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key) -> bool:
+        row = np.searchsorted(self.keys, key)
+        return bool(row < len(self.keys) and self.keys[row] == key)
+
+    def offsets_of(self, keys) -> np.ndarray:
+        """Byte offsets of `keys` (an array); a key not in the index raises InputError."""
+        keys = np.asarray(keys, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        missing = self.keys[rows] != keys
+        if missing.any():
+            raise InputError(f"{self.idx_path}: no record with key {keys[int(np.argmax(missing))]}")
+        return self.offsets[rows]
+
+    def read(self, key) -> bytes:
+        """The payload of record `key` (parts of a multi-part record joined as dmlc-core does)."""
+        offset = int(self.offsets_of([key])[0])
+        parts = []
+        while True:
+            cflag, length = self._record_head(key, offset, first=not parts)
+            data = self._pread(length, offset + RECORD_HEAD.size)
+            if len(data) < length:
+                raise self._truncated(key, offset, length)
+            parts.append(data)
+            if cflag in (0, 3):
+                return MAGIC_BYTES.join(parts)
+            offset += RECORD_HEAD.size + padded_length(length)
+
+    def read_header(self, key) -> tuple[RecordHeader, int]:
+        """(header, size of the image bytes) of record `key`, reading only the header of a whole record."""
+        offset = int(self.offsets_of([key])[0])
+        cflag, length = self._record_head(key, offset, first=True)
+        if cflag != 0:  # rare: the magic number occurs inside the payload, so the payload is in parts
+            payload = self.read(key)
+        else:
+            size = min(length, IMAGE_HEADER.size)
+            payload = self._pread(size, offset + RECORD_HEAD.size)
+            if len(payload) < size or offset + RECORD_HEAD.size + length > self.file_size:
+                raise self._truncated(key, offset, length)
+            flag = IMAGE_HEADER.unpack_from(payload)[0] if size == IMAGE_HEADER.size else 0
+            if flag > 0:
+                payload = self._pread(min(length, IMAGE_HEADER.size + 4 * flag), offset + RECORD_HEAD.size)
+        try:
+            header, image = unpack_header(payload)
+        except InputError as error:
+            raise InputError(f"{self.rec_path}: record {key}: {error}") from None
+        image_size = len(image) if cflag != 0 else length - (len(payload) - len(image))
+        return header, image_size
+
+    def _record_head(self, key, offset: int, first: bool) -> tuple[int, int]:
+        head = self._pread(RECORD_HEAD.size, offset)
+        if len(head) < RECORD_HEAD.size:
+            raise self._truncated(key, offset, RECORD_HEAD.size)
+        magic, lrecord = RECORD_HEAD.unpack(head)
+        if magic != MAGIC:
+            raise InputError(
+                f"{self.rec_path}: record {key} at byte {offset} does not start with the RecordIO magic number "
+                f"(not a .rec file, or {self.idx_path} belongs to another file)"
+            )
+        cflag, length = lrecord >> LENGTH_BITS, lrecord & MAX_PAYLOAD
+        if first and cflag not in (0, 1):
+            raise InputError(f"{self.rec_path}: key {key} points into the middle of a multi-part record")
+        if not first and cflag not in (2, 3):
+            raise InputError(f"{self.rec_path}: multi-part record {key} is cut off by another record")
+        return cflag, length
+
+    def _truncated(self, key, offset: int, length: int) -> InputError:
+        return InputError(
+            f"{self.rec_path}: record {key} at byte {offset} ({length} bytes) runs past the end of the file "
+            f"({self.file_size} bytes); the .rec is truncated"
+        )
+
+    def _file(self):
+        pid = os.getpid()
+        if self._handle is None or self._pid != pid:
+            try:
+                # unbuffered: every read is one positioned read of exactly the bytes needed
+                self._handle = open(self.rec_path, "rb", buffering=0)
+            except OSError as error:
+                raise InputError(f"cannot open {self.rec_path}: {error.strerror or error}") from None
+            self._pid = pid
+        return self._handle
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        handle = self._file()
+        if hasattr(os, "pread"):
+            return os.pread(handle.fileno(), size, offset)
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+
+def _read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(sorted keys, their offsets, sha256 of the file) of a `key<TAB>offset` index."""
+    with open(idx_path, "rb") as f:
+        data = f.read()
+    fingerprint = hashlib.sha256(data).hexdigest()
+    if not data.strip():
+        raise InputError(f"{idx_path}: the RecordIO index is empty")
+    try:
+        table = pd.read_csv(io.BytesIO(data), sep="\t", header=None, dtype=np.int64, engine="c").to_numpy()
+    except (ValueError, pd.errors.ParserError) as error:
+        raise InputError(
+            f"{idx_path}: not a RecordIO index of 'key<TAB>offset' lines ({first_line(error)})"
+        ) from None
+    if table.ndim != 2 or table.shape[1] != 2:
+        raise InputError(f"{idx_path}: expected 2 columns (key<TAB>offset), found {table.shape[-1]}")
+    keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+    if (keys < 0).any() or (offsets < 0).any():
+        raise InputError(f"{idx_path}: negative key or offset")
+    if not bool(np.all(keys[1:] > keys[:-1])):
+        order = np.argsort(keys, kind="stable")
+        keys, offsets = keys[order], offsets[order]
+        repeated = keys[1:] == keys[:-1]
+        if repeated.any():
+            raise InputError(f"{idx_path}: key {keys[int(np.argmax(repeated))]} appears twice")
+    return keys, offsets, fingerprint
+
+
+def image_keys(reader: RecordIOReader) -> np.ndarray:
+    """The image keys of a .rec: 1 .. a-1 under an insightface header record 0, else every key of the index.
+
+    Record 0 counts as the header when it has a label vector and no image bytes (insightface writes it with
+    `mx.recordio.pack(header, b"")`); a record 0 with an image is an image.
+    """
+    if 0 not in reader:
+        return reader.keys.copy()
+    header, image_size = reader.read_header(0)
+    if header.flag == 0 or image_size > 0:
+        return reader.keys.copy()
+    end = float(header.label[0])
+    if not end.is_integer() or end < 0:
+        raise InputError(f"{reader.rec_path}: the header record 0 gives {end} as the end of the image keys")
+    if end <= 1:  # [0, 0] is the placeholder write_recordio replaces when it finishes
+        raise InputError(
+            f"{reader.rec_path}: the header record 0 says the file has no images (an unfinished pack? "
+            f"run the same pack_recordio.py command again to complete it)"
+        )
+    keys = np.arange(1, int(end), dtype=np.int64)
+    reader.offsets_of(keys)  # every promised image key must be in the index
+    return keys
+
+
+def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
+    """float64 label (a label vector's first value) of each record in `keys`, reading ~36 bytes per record.
+
+    Whole records with the header inside the file are read in chunks by one numpy gather from a memory map;
+    anything else (a multi-part record, a malformed or truncated one) goes through `reader.read_header`, which
+    reads it the slow way or raises the InputError naming the file and key.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    offsets = reader.offsets_of(keys)
+    labels = np.empty(len(keys), dtype=np.float64)
+    window = np.arange(_LABEL_WINDOW, dtype=np.int64)
+    with open(reader.rec_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        file_size = len(mapped)
+        buffer = np.frombuffer(mapped, dtype=np.uint8)
+        try:
+            for start in range(0, len(keys), _LABEL_CHUNK):
+                chunk = offsets[start : start + _LABEL_CHUNK]
+                fits = chunk + _LABEL_WINDOW <= file_size
+                words = np.zeros((len(chunk), _LABEL_WINDOW // 4), dtype="<u4")
+                words[fits] = buffer[chunk[fits, None] + window].view("<u4")
+                lrecord = words[:, 1]
+                length = (lrecord & MAX_PAYLOAD).astype(np.int64)
+                flag = words[:, 2].astype(np.int64)
+                good = (
+                    fits
+                    & (words[:, 0] == MAGIC)
+                    & (lrecord >> LENGTH_BITS == 0)
+                    & (length >= IMAGE_HEADER.size + 4 * flag)
+                    & (chunk + RECORD_HEAD.size + length <= file_size)
+                )
+                values = np.where(flag > 0, words[:, 8].view("<f4"), words[:, 3].view("<f4"))
+                labels[start : start + len(chunk)] = values
+                for row in np.flatnonzero(~good):
+                    header, _ = reader.read_header(int(keys[start + row]))
+                    labels[start + row] = float(header.label[0]) if header.flag > 0 else float(header.label)
+        finally:
+            del buffer  # the memory map cannot close while a numpy view of it exists
+    return labels
+
+
+class RecordIOFaceDataset(Dataset):
+    """The image records of a .rec as (transformed RGB image, class index): the RecordIO twin of
+    `LabelledFaceDataset`.
+
+    `labels` (int64), `num_classes` (largest label + 1), `identity_names` (the labels as zero-padded strings: a
+    .rec keeps no folder names) and `keys` (the record key of each image, for triplet files and messages) are
+    read once at construction. A label that is not an integer >= 0 is an InputError naming the file and key.
+    An image that does not decode is an InputError naming the file and key too: unlike the folder datasets,
+    nothing is replaced, so pack with `--verify` to leave unreadable images out of the .rec.
+    """
+
+    def __init__(self, rec_path, transform=None, idx_path=None):
+        self.reader = RecordIOReader(rec_path, idx_path)
+        self.rec_path = self.reader.rec_path
+        self.transform = transform
+        self.keys: np.ndarray = image_keys(self.reader)
+        raw_labels = read_labels(self.reader, self.keys)
+        bad = ~np.isfinite(raw_labels) | (raw_labels < 0) | (raw_labels != np.floor(raw_labels))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(
+                f"{self.rec_path}: record {self.keys[row]} has label {raw_labels[row]}; "
+                f"labels must be class indices (integers >= 0)"
+            )
+        self.labels: np.ndarray = raw_labels.astype(np.int64)
+        self.num_classes: int = int(self.labels.max()) + 1
+        width = max(5, len(str(self.num_classes - 1)))
+        self.identity_names: list[str] = [f"{label:0{width}d}" for label in range(self.num_classes)]
+        self.fingerprint: str = self.reader.fingerprint  # sha256 of the .idx: ties triplet files to this .rec
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def image(self, index) -> Image.Image:
+        """The decoded RGB image of dataset row `index` (no transform)."""
+        key = int(self.keys[index])
+        _, image_bytes = unpack_header(self.reader.read(key))
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as image:
+                return image.convert("RGB")
+        except DECODE_ERRORS as error:
+            raise InputError(
+                f"{self.rec_path}: record {key} does not decode as an image "
+                f"({type(error).__name__}: {first_line(error)})"
+            ) from None
+
+    def __getitem__(self, index):
+        image = self.image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class PackSummary(NamedTuple):
+    num_images: int
+    num_identities: int
+    num_resumed: int  # records (header and images included) already complete from an interrupted run
+    rec_path: str
+    idx_path: str
+
+
+def write_recordio(
+    dataroot,
+    rec_path,
+    idx_path=None,
+    verify: bool = False,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> PackSummary:
+    """Pack `dataroot/<identity>/<image>` into an insightface-style .rec + .idx; resumes an interrupted run.
+
+    The listing is `generate_csv`'s: identity folders with images in sorted order (label = their index, as in
+    the CSV), images sorted by name; `verify` decodes each image first and leaves unreadable ones out. The
+    file bytes are stored as they are (no re-encoding). Layout, as insightface's:
+
+    - key 0 at byte 0: the header, label vector [N+1, N+1+C]. It is written first as a placeholder of the same
+      size (vector [0, 0]: a reader sees no images) and rewritten in place once everything else is written.
+      Its `id` field holds 64 bits of the listing's sha256, so a resume can tell it is the same dataset.
+    - keys 1 .. N: the images (flag 0, label = class index, id = key).
+    - keys N+1 .. N+C: one record per identity, label vector [first key, end key) of its images, no image.
+
+    Each record is flushed before its index line is written and flushed, so after an interruption the index
+    lists only records that are whole (a torn last line or record is cut off). Running the same command again
+    continues after the last whole record and gives the same bytes as an uninterrupted run. An existing
+    output made from another listing is an InputError; a complete one is left as it is.
+    """
+    rec_path = os.fspath(rec_path)
+    idx_path = os.fspath(idx_path) if idx_path is not None else index_path_for(rec_path)
+    if os.path.abspath(rec_path) == os.path.abspath(idx_path):
+        raise InputError(f"the .rec and its index must be two files, both are {rec_path}")
+    table = _list_dataset(dataroot, verify, num_workers)
+    num_images, num_classes = len(table.paths), table.num_classes
+    _check_key_range(num_images, num_classes)
+    listing_id = int.from_bytes(bytes.fromhex(table.fingerprint)[:8], "little")
+    final_header = pack_record(
+        0.0, b"", id=listing_id, label_vector=[num_images + 1, num_images + 1 + num_classes]
+    )
+    placeholder = pack_record(0.0, b"", id=listing_id, label_vector=[0, 0])
+
+    directory = os.path.dirname(os.path.abspath(rec_path))
+    os.makedirs(directory, exist_ok=True)
+    next_key, end_offset = _resume_point(rec_path, idx_path, listing_id)
+    num_records = 1 + num_images + num_classes
+    if next_key > num_records:
+        raise InputError(
+            f"{idx_path} lists more records than {dataroot} has; delete {rec_path} and {idx_path} "
+            "to pack from scratch"
+        )
+    num_resumed = next_key
+    with open(rec_path, "r+b" if os.path.exists(rec_path) else "w+b") as rec, open(idx_path, "ab") as idx:
+        rec.truncate(end_offset)
+        rec.seek(end_offset)
+        if next_key == 0:
+            _append(rec, idx, 0, placeholder)
+            next_key = 1
+        _append_records(rec, idx, table, next_key, num_records, progress)
+        _finish(rec, idx, final_header)
+    return PackSummary(num_images, num_classes, num_resumed, rec_path, idx_path)
+
+
+def _list_dataset(dataroot, verify: bool, num_workers: int | None) -> FaceTable:
+    """`generate_csv`'s listing of `dataroot` read back as a FaceTable; the CSV lives in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="pack-recordio-") as work_dir:
+        csv_path = os.path.join(work_dir, "listing.csv")
+        generate_csv(dataroot, csv_path, verify=verify, num_workers=num_workers)
+        return read_face_csv(dataroot, csv_path)
+
+
+def _check_key_range(num_images: int, num_classes: int) -> None:
+    """Raise InputError when the header's float32 key ranges could not hold every key exactly."""
+    if num_images + num_classes + 1 > MAX_EXACT_FLOAT32_INT:
+        raise InputError(
+            f"{num_images} images + {num_classes} identities are too many for one .rec: the header stores key "
+            f"ranges as float32, exact only up to {MAX_EXACT_FLOAT32_INT}"
+        )
+
+
+def _append_records(rec, idx, table: FaceTable, next_key: int, num_records: int, progress: bool) -> None:
+    """Append records `next_key` .. `num_records - 1`: the images, then one record per identity."""
+    num_classes = table.num_classes
+    # image keys of class c are class_starts[c] + 1 .. class_starts[c + 1] (key 0 is the header)
+    class_starts = np.zeros(num_classes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(table.labels, minlength=num_classes), out=class_starts[1:])
+    with tqdm(
+        total=num_records, initial=next_key, unit=" records", disable=not progress, desc="packing"
+    ) as bar:
+        for key in range(next_key, num_records):
+            _append(rec, idx, key, _record_payload(key, table, class_starts))
+            bar.update()
+
+
+def _record_payload(key: int, table: FaceTable, class_starts: np.ndarray) -> bytes:
+    """The payload of record `key`: image row key - 1, or (past the images) an identity's key range."""
+    num_images = len(table.paths)
+    if key <= num_images:
+        row = key - 1
+        return pack_record(int(table.labels[row]), _file_bytes(str(table.paths[row])), id=key)
+    label = key - num_images - 1
+    first, end = class_starts[label] + 1, class_starts[label + 1] + 1
+    return pack_record(0.0, b"", id=key, label_vector=[first, end])
+
+
+def _finish(rec, idx, final_header: bytes) -> None:
+    """Rewrite the placeholder at key 0 as the real header, then force both files to disk."""
+    rec.seek(0)
+    rec.write(encode_record(final_header))
+    rec.flush()
+    os.fsync(rec.fileno())
+    os.fsync(idx.fileno())
+
+
+def _file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _append(rec, idx, key: int, payload: bytes) -> None:
+    offset = rec.tell()
+    rec.write(encode_record(payload))
+    rec.flush()  # the record reaches the file before the index line that lists it
+    idx.write(f"{key}\t{offset}\n".encode())
+    idx.flush()
+
+
+def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, int]:
+    """(next key to write, byte where it goes) after what an earlier run left; (0, 0) to start afresh.
+
+    Also cuts the index back to its whole lines whose records are whole.
+    """
+    rec_size = os.path.getsize(rec_path) if os.path.exists(rec_path) else 0
+    idx_data = b""
+    if os.path.exists(idx_path):
+        with open(idx_path, "rb") as f:
+            idx_data = f.read()
+    if not idx_data.strip():
+        if rec_size > HEADER_RECORD_SIZE:  # at most our own placeholder, written before its index line
+            raise InputError(f"{rec_path} exists but {idx_path} lists no records; delete both to pack again")
+        with open(idx_path, "wb"):
+            pass
+        return 0, 0
+
+    if not os.path.exists(rec_path):
+        raise InputError(f"{idx_path} lists records but {rec_path} does not exist; delete it to pack again")
+    lines = idx_data.split(b"\n")[:-1]  # whatever follows the last newline is a torn line
+    line_ends = np.cumsum([len(line) + 1 for line in lines])
+    offsets = []
+    for number, line in enumerate(lines):
+        fields = line.split(b"\t")
+        if len(fields) != 2 or not all(field.isdigit() for field in fields) or int(fields[0]) != number:
+            raise InputError(
+                f"{idx_path}:{number + 1}: not written by an interrupted pack of this tool (expected "
+                f"'{number}<TAB>offset'); delete {rec_path} and {idx_path} to pack again"
+            )
+        offsets.append(int(fields[1]))
+
+    valid, end_offset = 0, 0
+    with open(rec_path, "rb") as rec:
+        expected_offset = 0
+        for number, offset in enumerate(offsets):
+            rec.seek(offset)
+            head = rec.read(RECORD_HEAD.size)
+            if offset != expected_offset or len(head) < RECORD_HEAD.size:
+                break
+            magic, lrecord = RECORD_HEAD.unpack(head)
+            record_end = offset + RECORD_HEAD.size + padded_length(lrecord & MAX_PAYLOAD)
+            if magic != MAGIC or lrecord >> LENGTH_BITS != 0 or record_end > rec_size:
+                break
+            if number == 0:
+                header, _ = unpack_header(rec.read(lrecord & MAX_PAYLOAD))
+                if header.flag != 2 or header.id != listing_id:
+                    raise InputError(
+                        f"{rec_path} already holds another dataset (written from another folder or by another "
+                        f"tool); delete it and {idx_path}, or choose another output"
+                    )
+            valid, end_offset, expected_offset = number + 1, record_end, record_end
+    if valid == 0:
+        with open(idx_path, "wb"):
+            pass
+        return 0, 0
+    with open(idx_path, "r+b") as f:
+        f.truncate(int(line_ends[valid - 1]))
+    return valid, end_offset
