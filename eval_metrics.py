@@ -206,10 +206,10 @@ def rates_at_threshold(distances: np.ndarray, labels: np.ndarray, threshold: flo
     )
 
 
-def format_metrics(metrics: LFWMetrics) -> list[str]:
-    """The lines the training and validation scripts print after an LFW evaluation."""
+def format_metrics(metrics: LFWMetrics, target: str = "LFW") -> list[str]:
+    """The lines the training and validation scripts print after evaluating on ``target`` (LFW, cfp_fp...)."""
     lines = [
-        f"Accuracy on LFW: {np.mean(metrics.accuracy):.4f}+-{np.std(metrics.accuracy):.4f}",
+        f"Accuracy on {target}: {np.mean(metrics.accuracy):.4f}+-{np.std(metrics.accuracy):.4f}",
         f"Precision {np.mean(metrics.precision):.4f}+-{np.std(metrics.precision):.4f}",
         f"Recall {np.mean(metrics.recall):.4f}+-{np.std(metrics.recall):.4f}",
         f"ROC Area Under Curve: {metrics.roc_auc:.4f}",

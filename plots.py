@@ -40,18 +40,27 @@ def plot_roc_lfw(
         ax.legend(loc="lower right")
 
 
-def plot_accuracy_lfw(epochs, accuracies, path, stds=None) -> None:
-    """LFW accuracy per epoch; `stds` (across folds) are drawn as a shaded band around the mean."""
+def plot_accuracy_lfw(epochs, accuracies, path, stds=None, others=None, name="LFW") -> None:
+    """Accuracy per epoch on ``name``; `stds` (across folds) are drawn as a shaded band around the mean.
+
+    ``others`` maps more verification targets to their (epochs, accuracies), drawn as further lines.
+    """
     epochs, accuracies = _paired_1d(epochs, accuracies, "epochs", "accuracies")
     if stds is not None:
         _, stds = _paired_1d(epochs, stds, "epochs", "stds")
     with _saved_figure(path) as ax:
-        ax.plot(epochs, accuracies, color="red", marker="o", label="LFW accuracy")
+        ax.plot(epochs, accuracies, color="red", marker="o", label=f"{name} accuracy")
         if stds is not None:
             ax.fill_between(
                 epochs, accuracies - stds, accuracies + stds, color="red", alpha=0.2, label="+-1 std"
             )
-        ax.set(xlabel="Epoch", ylabel="Accuracy", title="LFW accuracy per epoch")
+        for other, (other_epochs, other_accuracies) in (others or {}).items():
+            other_epochs, other_accuracies = _paired_1d(
+                other_epochs, other_accuracies, "epochs", "accuracies"
+            )
+            ax.plot(other_epochs, other_accuracies, marker="s", label=f"{other} accuracy")
+        title = f"{name} accuracy per epoch" if not others else "Verification accuracy per epoch"
+        ax.set(xlabel="Epoch", ylabel="Accuracy", title=title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
 

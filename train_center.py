@@ -92,7 +92,7 @@ class CenterTask(TrainingTask):
         self.center_loss = CenterLoss(self.num_classes, args.embedding_dim).to(runtime.device)
         self.step_module = CenterLossModule(self.model, self.center_loss, args.logit_scale)
         self.optimizers = [
-            build_optimizer(args.optimizer, self.model.parameters(), args.lr),
+            build_optimizer(args.optimizer, self.model.parameters(), args.lr, args.weight_decay),
             torch.optim.SGD(self.center_loss.parameters(), lr=args.center_loss_lr),
         ]
 
@@ -126,6 +126,10 @@ class CenterTask(TrainingTask):
         for parameter in self.center_loss.parameters():
             if parameter.grad is not None:
                 parameter.grad.div_(self.args.center_loss_weight)
+
+    def scheduled_optimizers(self) -> list[torch.optim.Optimizer]:
+        # the centers move at their own fixed --center_loss_lr, as in the original
+        return self.optimizers[:1]
 
     def checkpoint_extras(self) -> dict:
         return {

@@ -205,7 +205,9 @@ class TripletTask(TrainingTask):
             self.num_steps = math.ceil((len(self.dataset) // runtime.world_size) / args.batch_size)
         self.model = build_embedding_model(args, runtime.device)
         self.step_module = self.model
-        self.optimizers = [build_optimizer(args.optimizer, self.model.parameters(), args.lr)]
+        self.optimizers = [
+            build_optimizer(args.optimizer, self.model.parameters(), args.lr, args.weight_decay)
+        ]
         self.loss_fn = TripletLoss(margin=args.margin)
 
     def steps_per_epoch(self) -> int:

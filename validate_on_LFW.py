@@ -1,4 +1,4 @@
-"""Evaluate a face-embedding checkpoint on the LFW verification pairs.
+"""Evaluate a face-embedding checkpoint on the LFW verification pairs, and on other verification sets.
 
 The embedding and the ten-fold protocol are `verification.evaluate_model_on_lfw`, the same code the training
 scripts validate with; this command evaluates a checkpoint of any layout `inference.load_checkpoint` reads:
@@ -6,8 +6,12 @@ scripts validate with; this command evaluates a checkpoint of any layout `infere
     python validate_on_LFW.py --model_path model_resnet34_triplet.pt \\
         --lfw ../shared/data/lfw_112 --lfw_pairs ../shared/data/lfw_pairs.txt
 
-It prints the metrics table and writes ``lfw_metrics.json`` and ``lfw_roc.png`` into ``--output_dir``
-(default: ``<checkpoint stem>_lfw/`` next to the checkpoint).
+    python validate_on_LFW.py --model_path model.pt --lfw lfw.bin --val_targets cfp_fp.bin agedb_30.bin
+
+It prints each target's metrics (and, for several, one summary table) and writes ``<target>_metrics.json`` and
+``<target>_roc.png`` (``lfw_metrics.json`` / ``lfw_roc.png`` for LFW) into ``--output_dir`` (default:
+``<checkpoint stem>_lfw/`` next to the checkpoint). A ``.bin`` is insightface's format (pairs of consecutive
+images, ten folds of consecutive pairs), read without unpickling arbitrary objects.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import eval_metrics
 import plots
 from datasets.lfw_dataset import LFWDataset
+from datasets.verification_bin import VerificationBinDataset
 from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
 from fileio import write_json_atomic
@@ -31,13 +36,25 @@ from verification import evaluate_model_on_lfw
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluate a face-embedding checkpoint (this repository's or the original's) on LFW."
+        description="Evaluate a face-embedding checkpoint (this repository's or the original's) on LFW and "
+        "other verification sets."
     )
     parser.add_argument("--model_path", required=True, type=Path, help="checkpoint (.pt) to evaluate")
     parser.add_argument(
-        "--lfw", required=True, type=Path, help="folder of aligned LFW images, <Name>/<Name>_NNNN.jpg"
+        "--lfw",
+        type=Path,
+        help="folder of aligned LFW images, <Name>/<Name>_NNNN.jpg (with --lfw_pairs), or an lfw.bin",
     )
-    parser.add_argument("--lfw_pairs", required=True, type=Path, help="the LFW pairs.txt file")
+    parser.add_argument("--lfw_pairs", type=Path, help="the LFW pairs.txt file (for an --lfw folder)")
+    parser.add_argument(
+        "--val_targets",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="BIN",
+        help="verification sets in insightface's .bin format (cfp_fp.bin, agedb_30.bin, ...), evaluated "
+        "like LFW; with several targets a summary table follows",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
         "--num_workers", type=int, default=4, help="data loader workers (capped at the CPU count)"
@@ -61,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--output_dir",
         type=Path,
         default=None,
-        help="where the JSON and ROC plot go; default: <checkpoint stem>_lfw/",
+        help="where each target's JSON and ROC plot go (lfw_metrics.json, <name>_metrics.json, ...); "
+        "default: <checkpoint stem>_lfw/",
     )
     parser.add_argument(
         "--skip_missing", action="store_true", help="drop pairs whose images are missing instead of failing"
@@ -70,10 +88,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_paths(output_dir: Path, flip: bool) -> tuple[Path, Path]:
-    """(metrics JSON, ROC plot); flip runs get their own names so both results can sit side by side."""
+def output_paths(output_dir: Path, flip: bool, target: str = "lfw") -> tuple[Path, Path]:
+    """(metrics JSON, ROC plot) of a target; flip runs get their own names so both can sit side by side."""
     suffix = "_flip" if flip else ""
-    return output_dir / f"lfw_metrics{suffix}.json", output_dir / f"lfw_roc{suffix}.png"
+    return output_dir / f"{target}_metrics{suffix}.json", output_dir / f"{target}_roc{suffix}.png"
 
 
 def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> None:
@@ -99,16 +117,16 @@ def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> 
 
 
 def lfw_report(
-    loaded: LoadedModel, args, metrics: eval_metrics.LFWMetrics, dataset, device, amp_dtype
+    loaded: LoadedModel, args, metrics: eval_metrics.LFWMetrics, dataset, device, amp_dtype, source: dict
 ) -> dict:
-    """Everything the JSON file records: which model, how it was evaluated, and the metrics."""
+    """Everything the JSON file records: which model, how it was evaluated (``source``: which files), and
+    the metrics."""
     checkpoint = loaded.info()
     checkpoint["path"] = str(Path(args.model_path).resolve())
     return {
         "checkpoint": checkpoint,
         "evaluation": {
-            "lfw_dir": str(args.lfw),
-            "lfw_pairs": str(args.lfw_pairs),
+            **source,
             "num_pairs": int(len(dataset.issame)),
             "num_images": int(len(dataset)),
             "image_size": loaded.image_size,
@@ -124,33 +142,51 @@ def lfw_report(
     }
 
 
-def run(args) -> dict:
-    """Evaluate `args.model_path` on LFW, print the table, write JSON and plot; returns the JSON data."""
-    for flag, path, kind in (("--lfw", args.lfw, "folder"), ("--lfw_pairs", args.lfw_pairs, "file")):
-        if not (path.is_dir() if kind == "folder" else path.is_file()):
-            raise InputError(f"{flag}: {kind} not found: {path}")
+def check_args(args) -> list[tuple[str, Path]]:
+    """Every cheap check, before any work; the targets as (name, path): ``lfw`` first when given."""
+    targets = []
+    if args.lfw is not None:
+        if args.lfw.suffix == ".bin":
+            if not args.lfw.is_file():
+                raise InputError(f"--lfw: file not found: {args.lfw}")
+        elif not args.lfw.is_dir():
+            raise InputError(f"--lfw: folder not found: {args.lfw}")
+        elif args.lfw_pairs is None or not args.lfw_pairs.is_file():
+            raise InputError(
+                f"--lfw_pairs: file not found: {args.lfw_pairs} (an --lfw folder needs its pairs)"
+            )
+        targets.append(("lfw", args.lfw))
+    for path in args.val_targets:
+        if not path.is_file():
+            raise InputError(f"--val_targets: file not found: {path}")
+        targets.append((path.stem, path))
+    if not targets:
+        raise InputError(
+            "nothing to evaluate: give --lfw (a folder with --lfw_pairs, or a .bin) or --val_targets"
+        )
+    names = [name for name, _ in targets]
+    if len(set(names)) != len(names):
+        raise InputError(f"two targets share the name {max(names, key=names.count)!r}; rename one file")
     if args.batch_size < 1 or args.num_workers < 0:
         raise InputError("--batch_size must be at least 1 and --num_workers at least 0")
     if args.image_size is not None and args.image_size < 1:
         raise InputError(f"--image_size must be positive, got {args.image_size}")
+    return targets
 
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
-    output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
-    json_path, plot_path = output_paths(output_dir, args.flip)
-    check_overwrite(json_path, plot_path, args.model_path)
 
-    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size)
-    if device.type == "cuda":
-        # NHWC weights let cuDNN use its channels-last (tensor core) kernels; the inputs follow suit
-        loaded.model.to(memory_format=torch.channels_last)
-    dataset = LFWDataset(
-        args.lfw, args.lfw_pairs, transform=loaded.transform(), skip_missing=args.skip_missing
-    )
-    print(
-        f"{args.model_path}: {loaded.architecture} ({loaded.layout} layout), epoch {loaded.epoch}, "
-        f"{loaded.image_size} px; {len(dataset.issame)} pairs, {len(dataset)} images on {device}"
-    )
+def open_target(name: str, path: Path, args, transform):
+    """The pairs dataset of a target and what the JSON records about its files."""
+    if path.suffix == ".bin":
+        return VerificationBinDataset(path, transform=transform), {"target": name, "bin": str(path)}
+    dataset = LFWDataset(path, args.lfw_pairs, transform=transform, skip_missing=args.skip_missing)
+    return dataset, {"target": name, "lfw_dir": str(path), "lfw_pairs": str(args.lfw_pairs)}
+
+
+def evaluate_target(name, path, loaded, args, device, amp_dtype, paths) -> dict:
+    """Evaluate one target, print its metrics, write its JSON and ROC plot; returns the JSON data."""
+    dataset, source = open_target(name, path, args, loaded.transform())
+    label = "LFW" if name == "lfw" else name
+    print(f"{label}: {len(dataset.issame)} pairs, {len(dataset)} images")
     metrics, _ = evaluate_model_on_lfw(
         loaded.model,
         dataset,
@@ -161,17 +197,60 @@ def run(args) -> dict:
         flip=args.flip,
         progress=not args.no_progress,
     )
-    for line in eval_metrics.format_metrics(metrics):
+    for line in eval_metrics.format_metrics(metrics, label):
         print(line)
-
-    report = lfw_report(loaded, args, metrics, dataset, device, amp_dtype)
-    title = f"ROC on LFW: {args.model_path.name}{' (flip)' if args.flip else ''}"
+    report = lfw_report(loaded, args, metrics, dataset, device, amp_dtype, source)
+    json_path, plot_path = paths
+    title = f"ROC on {label}: {args.model_path.name}{' (flip)' if args.flip else ''}"
     plots.plot_roc_lfw(
         metrics.false_positive_rate, metrics.true_positive_rate, metrics.roc_auc, plot_path, title
     )
     write_json_atomic(report, json_path)
     print(f"wrote {json_path} and {plot_path}")
     return report
+
+
+def summary_table(reports: dict[str, dict]) -> list[str]:
+    """One line per target: accuracy, ROC AUC, threshold, TAR at FAR 1e-3."""
+    lines = [f"{'target':<16} {'accuracy':>16} {'ROC AUC':>8} {'threshold':>9} {'TAR@FAR=1e-3':>13}"]
+    for name, report in reports.items():
+        m = report["metrics"]
+        accuracy = f"{m['accuracy_mean']:.4f}+-{m['accuracy_std']:.4f}"
+        lines.append(
+            f"{name:<16} {accuracy:>16} {m['roc_auc']:>8.4f} {m['best_distance_threshold_mean']:>9.3f} "
+            f"{m['tar_at_far_0.001_mean']:>13.4f}"
+        )
+    return lines
+
+
+def run(args) -> dict:
+    """Evaluate ``args.model_path`` on every target, print, write JSON and plots; returns the first target's
+    JSON data (with several targets, all of them under ``"targets"``)."""
+    targets = check_args(args)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
+    paths = {name: output_paths(output_dir, args.flip, name) for name, _ in targets}
+    for json_path, plot_path in paths.values():
+        check_overwrite(json_path, plot_path, args.model_path)
+
+    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size)
+    if device.type == "cuda":
+        # NHWC weights let cuDNN use its channels-last (tensor core) kernels; the inputs follow suit
+        loaded.model.to(memory_format=torch.channels_last)
+    print(
+        f"{args.model_path}: {loaded.architecture} ({loaded.layout} layout), epoch {loaded.epoch}, "
+        f"{loaded.image_size} px, on {device}"
+    )
+    reports = {
+        name: evaluate_target(name, path, loaded, args, device, amp_dtype, paths[name])
+        for name, path in targets
+    }
+    first = next(iter(reports.values()))
+    if len(reports) > 1:
+        print("\n".join(summary_table(reports)))
+        return {**first, "targets": reports}
+    return first
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.face_table import FaceImageLoader, FaceTable, read_face_csv
+from datasets.face_source import open_face_table
+from datasets.face_table import FaceImageLoader, FaceTable
 
 
 class LabelledFaceDataset(Dataset):
@@ -15,11 +16,13 @@ class LabelledFaceDataset(Dataset):
     label returned is always right for the image returned.
     """
 
-    def __init__(self, root_dir, csv_name, transform=None):
-        self.table: FaceTable = read_face_csv(root_dir, csv_name)
+    def __init__(self, root_dir, csv_name=None, transform=None):
+        """``root_dir`` with its CSV ``csv_name``, or a RecordIO ``.rec`` (no CSV)."""
+        self.table: FaceTable
+        self.table, decode = open_face_table(root_dir, csv_name)
         self.labels: np.ndarray = self.table.labels
         self.num_classes: int = self.table.num_classes
-        self.loader = FaceImageLoader(self.table, transform)
+        self.loader = FaceImageLoader(self.table, transform, decode=decode)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -18,7 +18,8 @@ import os
 import numpy as np
 from torch.utils.data import Dataset
 
-from datasets.face_table import FaceImageLoader, FaceTable, group_rows_by_class, read_face_csv
+from datasets.face_source import open_face_table
+from datasets.face_table import FaceImageLoader, FaceTable, group_rows_by_class
 from errors import InputError, first_line, require_int
 from fileio import atomic_write, write_json_atomic
 
@@ -204,8 +205,9 @@ class TripletFaceDataset(Dataset):
         batch_size=None,
         epoch=0,
     ):
-        self.table: FaceTable = read_face_csv(root_dir, csv_name)
-        self.csv_path = os.fspath(csv_name)
+        self.table: FaceTable
+        self.table, decode = open_face_table(root_dir, csv_name)  # csv_name None: root_dir is a .rec
+        self.csv_path = os.fspath(csv_name if csv_name is not None else root_dir)
         self.num_triplets = require_int(num_triplets, "num_triplets")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
@@ -214,7 +216,7 @@ class TripletFaceDataset(Dataset):
         self.batch_size = batch_size
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
         self.transform = transform
-        self.loader = FaceImageLoader(self.table, transform)
+        self.loader = FaceImageLoader(self.table, transform, decode=decode)
         self.triplets: np.ndarray
         self.triplets_path: str | None
         if training_triplets_path is not None:

@@ -76,6 +76,9 @@ class LinearTask(TrainingTask):
         self.model = self.step_module = nn.Linear(3, 2)
         self.optimizers = [torch.optim.SGD(self.model.parameters(), lr=0.1)]
 
+    def steps_per_epoch(self):
+        return 10
+
     def step(self, step_module, batch):
         inputs, finite = batch
         loss = step_module(inputs).pow(2).mean()

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 import eval_metrics
 import validate_on_LFW
 from datasets.lfw_dataset import find_lfw_image, read_pairs
+from datasets.verification_bin import write_verification_bin
 from fileio import write_json_atomic
 from inference import FaceEmbedder, distance, embed_images
 from models import build_model
@@ -323,3 +324,48 @@ def test_flip_through_embed_images_matches_validation_path():
     torch.testing.assert_close(
         embed_dataset(model, loader, torch.device("cpu"), flip=True, progress=False), direct
     )
+
+
+def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
+    """--lfw as a .bin plus another --val_targets file: per-target JSON with the folder path's numbers."""
+    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
+    pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=3)
+    bin_path = tmp_path / "lfw.bin"
+    write_verification_bin(LFW_DIR, pairs_path, bin_path)
+    other = tmp_path / "other_set.bin"
+    other.write_bytes(bin_path.read_bytes())
+    folder_dir, bins_dir = tmp_path / "folder", tmp_path / "bins"
+    base = ["--model_path", str(checkpoint), "--num_workers", "0", "--no_progress"]
+    assert (
+        main([*base, "--lfw", str(LFW_DIR), "--lfw_pairs", str(pairs_path), "--output_dir", str(folder_dir)])
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main([*base, "--lfw", str(bin_path), "--val_targets", str(other), "--output_dir", str(bins_dir)]) == 0
+    )
+    out = capsys.readouterr().out
+    table = out[out.index("target ") :].splitlines()
+    assert table[1].split()[0] == "lfw" and table[2].split()[0] == "other_set" and len(table) == 3
+    expected = json.loads((folder_dir / "lfw_metrics.json").read_text())["metrics"]
+    for name in ("lfw", "other_set"):
+        report = json.loads((bins_dir / f"{name}_metrics.json").read_text())
+        assert report["metrics"] == pytest.approx(expected, abs=1e-12)
+        assert report["evaluation"]["num_pairs"] == 60 and report["evaluation"]["num_images"] == 120
+        assert (bins_dir / f"{name}_roc.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "nothing to evaluate"),
+        (["--lfw", "/nonexistent.bin"], "--lfw: file not found: /nonexistent.bin"),
+        (["--val_targets", "/nonexistent/cfp_fp.bin"], "--val_targets: file not found"),
+        (["--lfw", str(LFW_DIR)], "--lfw_pairs: file not found"),
+    ],
+)
+def test_command_target_errors_are_one_line(tmp_path, capsys, args, message):
+    checkpoint = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
+    assert main(["--model_path", str(checkpoint), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from datasets.face_source import is_recordio
 from demo.make_demo_dataset import make_demo_dataset
 from devices import AMP_CHOICES
 from errors import InputError, report_input_errors, require_int
 from models import MODEL_NAMES
-from training.builders import OPTIMIZERS
+from training.builders import LR_SCHEDULES, OPTIMIZERS
 
 DEMO_ROOT = Path("demo_data")
 
@@ -44,6 +45,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0."""
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def base_parser(description: str, default_output_name: str) -> argparse.ArgumentParser:
     """The parser both scripts start from: the original's flags and the additions listed in README.md."""
     parser = argparse.ArgumentParser(
@@ -58,19 +67,36 @@ def base_parser(description: str, default_output_name: str) -> argparse.Argument
 
 def _add_data_arguments(data) -> None:
     data.add_argument(
-        "--dataroot", "-d", type=str, help="training images: one folder per identity (required)"
+        "--dataroot",
+        "-d",
+        type=str,
+        help="training images: a folder with one folder per identity, or a RecordIO train.rec (with its "
+        "train.idx beside it) (required)",
     )
-    data.add_argument("--lfw", type=str, help="LFW images, aligned like the training images (required)")
+    data.add_argument(
+        "--lfw",
+        type=str,
+        help="LFW images, aligned like the training images (required unless --val_targets is given)",
+    )
     data.add_argument(
         "--lfw_pairs",
         type=str,
         help="the LFW pairs file (pairs.txt); default: pairs.txt or lfw_pairs.txt in --lfw",
     )
     data.add_argument(
+        "--val_targets",
+        nargs="+",
+        default=[],
+        metavar="BIN",
+        help="verification sets in insightface's .bin format (lfw.bin, cfp_fp.bin, agedb_30.bin, ...), "
+        "each evaluated after every validation epoch like LFW (ten folds of consecutive pairs)",
+    )
+    data.add_argument(
         "--dataset_csv",
         type=str,
         default=None,
-        help="CSV of the training images from datasets/generate_csv_files.py; default: written into --output_dir",
+        help="CSV of the training images from datasets/generate_csv_files.py; default: written into "
+        "--output_dir (a .rec needs none)",
     )
     data.add_argument(
         "--image_size",
@@ -110,10 +136,20 @@ def _add_training_arguments(train) -> None:
     train.add_argument("--optimizer", type=str, default="adagrad", choices=OPTIMIZERS, help="optimizer")
     train.add_argument("--lr", type=positive_float, default=0.001, help="learning rate")
     train.add_argument(
+        "--weight_decay", type=non_negative_float, default=1e-5, help="weight decay of the model's optimizer"
+    )
+    train.add_argument(
         "--lr_schedule",
-        choices=("constant", "cosine"),
+        choices=LR_SCHEDULES,
         default="constant",
-        help="constant (the original) or cosine decay to zero over --epochs, stepped per epoch",
+        help="constant (the original); cosine: decay to zero over --epochs, stepped per epoch; poly: "
+        "(1 - progress)^2 per step after the warmup",
+    )
+    train.add_argument(
+        "--warmup_epochs",
+        type=non_negative_float,
+        default=0.0,
+        help="raise the lr linearly from 0 over this many epochs (fractions allowed), per step",
     )
     train.add_argument(
         "--seed", type=int, default=0, help="seed for weights, triplets, sampling and augmentation"
@@ -164,9 +200,9 @@ def parse_args(
         parser.set_defaults(**{**DEMO_DEFAULTS, **demo_defaults})
     args = parser.parse_args(argv)
     if not args.demo:
-        missing = [
-            flag for flag, value in (("--dataroot/-d", args.dataroot), ("--lfw", args.lfw)) if not value
-        ]
+        missing = ["--dataroot/-d"] if not args.dataroot else []
+        if not args.lfw and not args.val_targets:
+            missing.append("--lfw (or --val_targets)")
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args
@@ -178,18 +214,40 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise InputError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.demo:
         return  # the demo's data is generated later, at known paths
+    check_dataroot(args)
+    if args.lfw is not None:
+        if not Path(args.lfw).is_dir():
+            raise InputError(f"--lfw {args.lfw}: no such folder")
+        args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
+    for target in args.val_targets:
+        if not Path(target).is_file():
+            raise InputError(f"--val_targets {target}: no such file")
+    names = [Path(target).stem for target in args.val_targets]
+    if len(set(names)) != len(names) or (args.lfw is not None and "lfw" in names):
+        raise InputError(f"--val_targets: two targets share a name ({', '.join(names)}); rename one file")
+    if args.resume_path is not None and not Path(args.resume_path).is_file():
+        raise InputError(f"--resume_path {args.resume_path}: no such file")
+
+
+def check_dataroot(args: argparse.Namespace) -> None:
+    """A folder of identity folders (with an optional --dataset_csv), or a .rec with its .idx."""
     dataroot = Path(args.dataroot)
+    if is_recordio(dataroot):
+        if not dataroot.is_file():
+            raise InputError(f"--dataroot {args.dataroot}: no such file")
+        if not dataroot.with_suffix(".idx").is_file():
+            raise InputError(
+                f"--dataroot {args.dataroot}: its index {dataroot.with_suffix('.idx')} is missing"
+            )
+        if args.dataset_csv is not None:
+            raise InputError("--dataset_csv lists a folder of images; a .rec --dataroot needs none")
+        return
     if not dataroot.is_dir():
         raise InputError(f"--dataroot {args.dataroot}: no such folder")
     if not any(dataroot.iterdir()):
         raise InputError(f"--dataroot {args.dataroot}: the folder is empty")
-    if not Path(args.lfw).is_dir():
-        raise InputError(f"--lfw {args.lfw}: no such folder")
-    args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
     if args.dataset_csv is not None and not Path(args.dataset_csv).is_file():
         raise InputError(f"--dataset_csv {args.dataset_csv}: no such file")
-    if args.resume_path is not None and not Path(args.resume_path).is_file():
-        raise InputError(f"--resume_path {args.resume_path}: no such file")
 
 
 def resolve_lfw_pairs(lfw_dir: str, lfw_pairs: str | None) -> str:

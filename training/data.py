@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
 from devices import usable_workers
 from training.runtime import Runtime, barrier, epoch_seed, log
 
 
-def ensure_dataset_csv(args: argparse.Namespace, runtime: Runtime) -> str:
-    """The training CSV: ``--dataset_csv``, or one listed now from ``--dataroot`` into the output folder."""
+def ensure_dataset_csv(args: argparse.Namespace, runtime: Runtime) -> str | None:
+    """The training CSV: ``--dataset_csv``, or one listed now from ``--dataroot`` into the output folder;
+    None for a ``.rec``, whose index lists it already."""
+    if is_recordio(args.dataroot):
+        return None
     if args.dataset_csv is not None:
         return args.dataset_csv
     csv_path = Path(args.output_dir) / "dataset.csv"

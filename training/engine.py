@@ -23,7 +23,7 @@ from tqdm import tqdm
 import eval_metrics
 from datasets.transforms import FACE_MEAN, FACE_STD
 from fileio import save_torch_atomic, write_json_atomic
-from training.builders import build_scheduler
+from training.builders import LearningRateSchedule
 from training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     checkpoint_path,
@@ -43,7 +43,7 @@ from training.runtime import (
     seed_everything,
     setup_runtime,
 )
-from training.validation import LFWValidator
+from training.validation import Validator
 
 # a run stops when this many steps in a row had a non-finite loss
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -90,6 +90,10 @@ class TrainingTask:
 
     def before_optimizer_step(self) -> None:
         """Called after the gradients are unscaled and before the optimizers step."""
+
+    def scheduled_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers whose lr follows --lr_schedule and --warmup_epochs (default: all)."""
+        return self.optimizers
 
     def checkpoint_extras(self) -> dict:
         return {}
@@ -148,7 +152,7 @@ def backward_and_step(
 class Trainer:
     """Runs a task's epochs: steps, the per-epoch validation and log, checkpoints, resume and stop requests."""
 
-    def __init__(self, task: TrainingTask, output_dir: Path, validator: LFWValidator | None):
+    def __init__(self, task: TrainingTask, output_dir: Path, validator: Validator | None):
         self.task = task
         self.args = task.args
         self.runtime = task.runtime
@@ -158,7 +162,15 @@ class Trainer:
         if self.runtime.distributed:
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             self.step_module = nn.parallel.DistributedDataParallel(task.step_module, device_ids=device_ids)
-        self.scheduler = build_scheduler(self.args.lr_schedule, task.optimizers[0], self.args.epochs)
+        self.steps_per_epoch = task.steps_per_epoch()
+        warmup_steps = round(getattr(self.args, "warmup_epochs", 0.0) * self.steps_per_epoch)
+        self.schedule = LearningRateSchedule(
+            self.args.lr_schedule,
+            task.scheduled_optimizers(),
+            self.args.epochs,
+            self.steps_per_epoch,
+            warmup_steps,
+        )
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.use_grad_scaler)
         self.history = History()
         self.best_distance_threshold: float | None = None
@@ -193,7 +205,7 @@ class Trainer:
                 for key, value in vars(args).items()
                 if value is None or isinstance(value, (str, int, float, bool))
             },
-            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scheduler_state_dict": self.schedule.state_dict(),
             "grad_scaler_state_dict": self.scaler.state_dict(),
             "step_in_epoch": step_in_epoch,
             "partial_epoch": {
@@ -205,19 +217,22 @@ class Trainer:
             # epochs reseed from (seed, epoch); this state only continues an epoch interrupted mid-way
             "torch_rng_state": torch.get_rng_state(),
         }
-        state.update(task.checkpoint_extras())
         return state
 
     def save(self, completed_epochs: int, step_in_epoch: int = 0, totals: EpochTotals | None = None):
-        """Rank 0 writes the checkpoint (mid-epoch ones are ``_interrupted``); returns its path there."""
+        """Rank 0 writes the checkpoint (mid-epoch ones are ``_interrupted``); returns its path there.
+
+        Every rank calls it: the task's extras may be collective (a sharded classifier gathers its rows).
+        """
         path = None
+        extras = self.task.checkpoint_extras()
         if self.runtime.is_main:
             interrupted = step_in_epoch > 0
             path = checkpoint_path(
                 self.output_dir, self.args.model, self.task.name, completed_epochs + interrupted, interrupted
             )
             state = self.checkpoint_state(completed_epochs, step_in_epoch, totals or EpochTotals())
-            save_torch_atomic(state, path)
+            save_torch_atomic({**state, **extras}, path)
         barrier(self.runtime)
         return path
 
@@ -225,7 +240,6 @@ class Trainer:
         task = self.task
         task.model.load_state_dict(checkpoint["model_state_dict"])
         task.optimizers[0].load_state_dict(checkpoint["optimizer_model_state_dict"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
         task.load_checkpoint_extras(checkpoint)
         self.best_distance_threshold = checkpoint["best_distance_threshold"]
@@ -274,6 +288,7 @@ class Trainer:
     def train_step(self, epoch: int, step: int, batch, totals: EpochTotals) -> None:
         """Forward, then, unless the loss is non-finite on any process, backward and the optimizer steps."""
         runtime = self.runtime
+        self.schedule.apply(epoch * self.steps_per_epoch + step - 1)  # the lr follows the position alone
         with torch.autocast(
             runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
         ):
@@ -302,8 +317,7 @@ class Trainer:
     def finish_epoch(self, epoch: int, totals: EpochTotals, seconds: float) -> None:
         """Log the epoch, validate when due, write the CSV row, the plots and the checkpoint."""
         completed = epoch + 1
-        lr = self.task.optimizers[0].param_groups[0]["lr"]
-        self.scheduler.step()
+        lr = self.task.optimizers[0].param_groups[0]["lr"]  # the epoch's last step's
         log.info(
             f"epoch {completed}/{self.args.epochs}: average {self.task.name} loss {totals.average_loss:.6f} "
             f"over {int(totals.count)} {self.task.count_name}, {totals.skipped_steps} steps skipped, "
@@ -328,13 +342,23 @@ class Trainer:
         self.save(completed)
 
     def validate(self, completed: int) -> dict[str, float]:
-        """Run the validator; remember its accuracy and threshold; return its summary for the log row."""
-        summary = eval_metrics.metrics_summary(self.validator(self.task.model, completed))
-        self.best_distance_threshold = float(summary["best_distance_threshold_mean"])
+        """Run the validator; remember accuracies and the primary target's threshold; return the log row's
+        columns: the primary target's whole summary, and accuracy and ROC AUC of every other target."""
+        row: dict[str, float] = {}
+        results = self.validator(self.task.model, completed)
         self.history.validated_epochs.append(completed)
-        self.history.accuracies.append(float(summary["accuracy_mean"]))
-        self.history.accuracy_stds.append(float(summary["accuracy_std"]))
-        return summary
+        for index, (name, metrics) in enumerate(results.items()):
+            summary = eval_metrics.metrics_summary(metrics)
+            self.history.target_accuracies.setdefault(name, []).append(float(summary["accuracy_mean"]))
+            if index == 0:
+                self.best_distance_threshold = float(summary["best_distance_threshold_mean"])
+                self.history.accuracies.append(float(summary["accuracy_mean"]))
+                self.history.accuracy_stds.append(float(summary["accuracy_std"]))
+                row.update(summary)
+            else:
+                for key in ("accuracy_mean", "accuracy_std", "roc_auc"):
+                    row[f"{name}_{key}"] = summary[key]
+        return row
 
     def fit(self) -> int:
         """Every remaining epoch; the exit status (0, or 130 / 143 after SIGINT / SIGTERM)."""
@@ -373,7 +397,7 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
     validator = None
     if runtime.is_main:
         claim_output_dir(output_dir, run_config, resuming=resuming)
-        validator = LFWValidator(args, runtime, output_dir)  # reads the pairs file: fails before any writing
+        validator = Validator(args, runtime, output_dir)  # reads the pairs files: fails before any writing
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_config, output_dir / "run_config.json")
     barrier(runtime)

@@ -32,6 +32,8 @@ class History:
     validated_epochs: list[int] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     accuracy_stds: list[float] = field(default_factory=list)
+    # every verification target's accuracy per validated epoch (the primary one included), by name
+    target_accuracies: dict[str, list[float]] = field(default_factory=dict)
 
 
 def append_csv_row(path: Path, row: dict) -> None:
@@ -51,12 +53,22 @@ def append_csv_row(path: Path, row: dict) -> None:
 
 
 def plot_history(history: History, plots_dir: Path) -> None:
-    """The training-loss plot and, once an epoch was validated, the LFW accuracy plot."""
+    """The training-loss plot and, once an epoch was validated, the accuracy plot (the primary target with
+    its spread over folds, the other verification targets as further lines)."""
     plots.plot_training_loss(history.epochs, history.losses, plots_dir / "training_loss.png")
     if history.validated_epochs:
+        names = list(history.target_accuracies) or ["lfw"]
+        # targets validated from a resumed run's first validation on line up with the last epochs
+        others = {
+            name: (history.validated_epochs[-len(values) :], values)
+            for name, values in history.target_accuracies.items()
+            if name != names[0]
+        }
         plots.plot_accuracy_lfw(
             history.validated_epochs,
             history.accuracies,
             plots_dir / "lfw_accuracies.png",
             stds=history.accuracy_stds,
+            others=others,
+            name="LFW" if names[0] == "lfw" else names[0],
         )

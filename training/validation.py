@@ -1,4 +1,4 @@
-"""The per-epoch LFW validation of a training run (main process only)."""
+"""The per-epoch validation of a training run (main process only): LFW and any ``.bin`` verification sets."""
 
 from __future__ import annotations
 
@@ -12,37 +12,58 @@ import eval_metrics
 import plots
 from datasets.lfw_dataset import LFWDataset
 from datasets.transforms import eval_transform
+from datasets.verification_bin import VerificationBinDataset
 from devices import usable_workers
 from training.runtime import Runtime, log
 from verification import evaluate_model_on_lfw
 
 
-class LFWValidator:
-    """Reads the pairs once; each call embeds the LFW images, evaluates, logs and plots the ROC curve."""
+def verification_targets(args: argparse.Namespace) -> dict[str, object]:
+    """Name -> pairs dataset: ``lfw`` for the --lfw folder, then each --val_targets file by its stem."""
+    transform = eval_transform(args.image_size)
+    targets: dict[str, object] = {}
+    if args.lfw is not None:
+        targets["lfw"] = LFWDataset(args.lfw, args.lfw_pairs, transform=transform)
+    for path in args.val_targets:
+        targets[Path(path).stem] = VerificationBinDataset(path, transform=transform)
+    return targets
+
+
+class Validator:
+    """Reads the pairs once; each call embeds every target's images, evaluates, logs and plots ROC curves.
+
+    The first target (LFW when --lfw is given) is the run's primary one: its threshold goes into the
+    checkpoint and its full summary into training_log.csv.
+    """
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, output_dir: Path):
         self.args = args
         self.runtime = runtime
         self.output_dir = output_dir
-        self.dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
+        self.targets = verification_targets(args)
 
-    def __call__(self, model: nn.Module, epoch: int) -> eval_metrics.LFWMetrics:
-        metrics, _ = evaluate_model_on_lfw(
-            model,
-            self.dataset,
-            self.runtime.device,
-            batch_size=self.args.lfw_batch_size,
-            num_workers=usable_workers(self.args.num_workers),
-            amp_dtype=self.runtime.amp_dtype,
-            progress=sys.stderr.isatty(),
-        )
-        for line in eval_metrics.format_metrics(metrics):
-            log.info(line)
-        plots.plot_roc_lfw(
-            metrics.false_positive_rate,
-            metrics.true_positive_rate,
-            metrics.roc_auc,
-            self.output_dir / "plots" / f"roc_{self.args.model}_epoch_{epoch}.png",
-            title=f"LFW ROC, epoch {epoch}",
-        )
-        return metrics
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, eval_metrics.LFWMetrics]:
+        results = {}
+        for name, dataset in self.targets.items():
+            metrics, _ = evaluate_model_on_lfw(
+                model,
+                dataset,
+                self.runtime.device,
+                batch_size=self.args.lfw_batch_size,
+                num_workers=usable_workers(self.args.num_workers),
+                amp_dtype=self.runtime.amp_dtype,
+                progress=sys.stderr.isatty(),
+            )
+            label = "LFW" if name == "lfw" else name
+            for line in eval_metrics.format_metrics(metrics, label):
+                log.info(line)
+            prefix = "" if name == "lfw" else f"{name}_"
+            plots.plot_roc_lfw(
+                metrics.false_positive_rate,
+                metrics.true_positive_rate,
+                metrics.roc_auc,
+                self.output_dir / "plots" / f"roc_{prefix}{self.args.model}_epoch_{epoch}.png",
+                title=f"{label} ROC, epoch {epoch}",
+            )
+            results[name] = metrics
+        return results
