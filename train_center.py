@@ -25,9 +25,9 @@ from errors import InputError
 from losses import CenterLoss
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, parse_args, positive_float, run_script
-from training.data import ShardSampler, ensure_dataset_csv, make_loader
+from training.data import ensure_dataset_csv, shuffled_batches, shuffled_steps
 from training.engine import StepOutput, TrainingTask, run_training
-from training.runtime import Runtime, epoch_seed
+from training.runtime import Runtime
 
 DEMO_DEFAULTS = {
     "epochs": 3,
@@ -87,7 +87,7 @@ class CenterTask(TrainingTask):
             args.dataroot, csv_path, transform=train_transform(args.image_size)
         )
         self.num_classes = self.dataset.num_classes
-        self.num_steps = -(-(len(self.dataset) // runtime.world_size) // args.batch_size)
+        self.num_steps = shuffled_steps(len(self.dataset), args.batch_size, runtime)
         self.model = build_embedding_model(args, runtime.device, num_classes=self.num_classes)
         self.center_loss = CenterLoss(self.num_classes, args.embedding_dim).to(runtime.device)
         self.step_module = CenterLossModule(self.model, self.center_loss, args.logit_scale)
@@ -100,16 +100,7 @@ class CenterTask(TrainingTask):
         return self.num_steps
 
     def batches(self, epoch: int, start_step: int):
-        args, runtime = self.args, self.runtime
-        sampler = ShardSampler(
-            len(self.dataset),
-            runtime.rank,
-            runtime.world_size,
-            start=start_step * args.batch_size,
-            shuffle=True,
-            seed=epoch_seed(args.seed, epoch),
-        )
-        return make_loader(self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
+        return shuffled_batches(self.dataset, self.args, self.runtime, epoch, start_step)
 
     def step(self, step_module, batch) -> StepOutput:
         images, labels = batch

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import train_center
+import train_margin
 import train_triplet
 from losses import TripletLoss
 from models import build_model
@@ -177,7 +178,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path,
     """A run stopped by SIGINT and resumed from its checkpoint ends with the weights, optimizer, schedule
     and history of the same run uninterrupted."""
     script, extra, schedule, interrupt_at = RESUME_CASES[case]
-    task_class = train_triplet.TripletTask if script is train_triplet else train_center.CenterTask
+    task_class = {train_triplet: train_triplet.TripletTask, train_center: train_center.CenterTask,
+                  train_margin: train_margin.MarginTask}[script]  # fmt: skip
     task = task_class.name
     args = [*common_args(tiny_demo_data, tmp_path), *extra, "--lr_schedule", schedule, "--epochs", "2"]
 
@@ -208,7 +210,9 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path,
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
-    for key in ("optimizer_model_state_dict", "optimizer_centerloss_state_dict", "center_loss_state_dict"):
+    keys = ("optimizer_model_state_dict", "optimizer_centerloss_state_dict", "center_loss_state_dict",
+            "classifier_state_dict")  # fmt: skip
+    for key in keys:
         if key in a:
             assert str(a[key]) == str(b[key]), key
     assert a["history"] == b["history"]
@@ -216,8 +220,14 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path,
     with (tmp_path / "split" / "training_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
-    # the lr each epoch trained with: cosine over 2 epochs is lr, then lr * (1 + cos(pi / 2)) / 2
-    expected = [0.001, 0.001 * (1 + math.cos(math.pi / 2)) / 2] if schedule == "cosine" else [0.001] * 2
+    # the lr of each epoch's last step: cosine over 2 epochs is lr, then lr * (1 + cos(pi / 2)) / 2; poly
+    # after a warmup of round(0.5 x 3) = 2 steps is lr * (1 - (step - 2) / 4)^2 at 0-based steps 2 and 5
+    base = 0.001
+    expected = {
+        "constant": [base, base],
+        "cosine": [base, base * (1 + math.cos(math.pi / 2)) / 2],
+        "poly": [base * (1 - (2 - 2) / 4) ** 2, base * (1 - (5 - 2) / 4) ** 2],
+    }[schedule]
     assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
 
 

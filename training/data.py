@@ -74,6 +74,25 @@ class SkipBatches(Sampler[list[int]]):
         return len(self.batch_sampler) - self.start
 
 
+def shuffled_steps(num_items: int, batch_size: int, runtime: Runtime) -> int:
+    """Steps of an epoch over every item once (each process a share; the last batch may be short)."""
+    return -(-(num_items // runtime.world_size) // batch_size)
+
+
+def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, start_step: int):
+    """The loader of an epoch over every item once, in an order drawn from (seed, epoch), this process's
+    share, from batch ``start_step`` on."""
+    sampler = ShardSampler(
+        len(dataset),
+        runtime.rank,
+        runtime.world_size,
+        start=start_step * args.batch_size,
+        shuffle=True,
+        seed=epoch_seed(args.seed, epoch),
+    )
+    return make_loader(dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
+
+
 def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, **sampling) -> DataLoader:
     """A DataLoader whose workers' random streams depend only on (seed, epoch)."""
     workers = usable_workers(args.num_workers, runtime.world_size)
