@@ -61,7 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument(
-        "--amp", choices=AMP_CHOICES, default="auto", help="autocast dtype; auto: bf16 on CUDA, off on CPU"
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="autocast dtype; auto: bf16 on GPUs with native bf16, fp16 on older ones, off on the CPU",
     )
     parser.add_argument(
         "--image_size",
@@ -228,7 +231,7 @@ def run(args) -> dict:
     JSON data (with several targets, all of them under ``"targets"``)."""
     targets = check_args(args)
     device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
+    amp_dtype = resolve_amp(args.amp, device, training=False)
     output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
     paths = {name: output_paths(output_dir, args.flip, name) for name, _ in targets}
     for json_path, plot_path in paths.values():

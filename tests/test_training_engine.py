@@ -20,6 +20,7 @@ from training.data import ShardSampler, SkipBatches
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
     StepOutput,
+    StopRequested,
     Trainer,
     TrainingDiverged,
     TrainingTask,
@@ -94,19 +95,24 @@ def test_a_nonfinite_loss_skips_the_step_and_five_in_a_row_stop_the_run(tmp_path
     trainer = Trainer(task, tmp_path, validator=None)
     inputs = torch.randn(4, 3)
     totals = EpochTotals()
+    no_stop = StopRequested()  # not entered: no signal handlers, no request
+
+    def step(number, finite):
+        trainer.train_step(0, number, iter([(inputs, finite)]), totals, no_stop)
+
     before = [p.detach().clone() for p in task.model.parameters()]
-    trainer.train_step(0, 1, (inputs, False), totals)
+    step(1, False)
     assert all(torch.equal(a, b) for a, b in zip(before, task.model.parameters(), strict=True))
     assert all(p.grad is None for p in task.model.parameters())  # nothing left for the next step
     assert (totals.skipped_steps, totals.count) == (1, 0.0)
 
-    trainer.train_step(0, 2, (inputs, True), totals)  # a finite step trains and resets the streak
+    step(2, True)  # a finite step trains and resets the streak
     assert not torch.equal(before[0], task.model.weight)
     assert totals.count == 4 and totals.loss_sum > 0
-    for step in range(3, 3 + MAX_CONSECUTIVE_NONFINITE - 1):
-        trainer.train_step(0, step, (inputs, False), totals)
+    for number in range(3, 3 + MAX_CONSECUTIVE_NONFINITE - 1):
+        step(number, False)
     with pytest.raises(TrainingDiverged, match="5 steps in a row"):
-        trainer.train_step(0, 99, (inputs, False), totals)
+        step(99, False)
     assert totals.skipped_steps == 1 + MAX_CONSECUTIVE_NONFINITE
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
+import time
 from pathlib import Path
+
+import torch
 
 from errors import InputError
 from inference import CHECKPOINT_FORMAT_VERSION, read_checkpoint
@@ -18,10 +20,44 @@ from inference import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
 
 
-def checkpoint_path(output_dir: Path, model: str, task_name: str, epoch: int, interrupted: bool) -> Path:
-    """``checkpoints/model_<model>_<task>_epoch_<N>[_interrupted].pt``; N counts the epoch being trained."""
-    suffix = "_interrupted" if interrupted else ""
+def checkpoint_path(
+    output_dir: Path, model: str, task_name: str, epoch: int, interrupted: bool, suffix: str | None = None
+) -> Path:
+    """``checkpoints/model_<model>_<task>_epoch_<N>[_interrupted | suffix].pt``: N epochs completed, or for a
+    mid-epoch checkpoint, N is the epoch in progress."""
+    if suffix is None:
+        suffix = "_interrupted" if interrupted else ""
     return output_dir / "checkpoints" / f"model_{model}_{task_name}_epoch_{epoch}{suffix}.pt"
+
+
+def latest_checkpoint(output_dir: Path, model: str, task_name: str) -> Path | None:
+    """The checkpoint of ``output_dir`` furthest into training (epoch, then step), or None.
+
+    Checkpoints are written atomically, so every file found is complete; each is opened memory-mapped to read
+    its position, which costs next to nothing even for large files. An unreadable one is skipped.
+    """
+    best, best_position = None, None
+    for path in sorted((output_dir / "checkpoints").glob(f"model_{model}_{task_name}_epoch_*.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            position = (int(state["epoch"]), int(state["step_in_epoch"]))
+        except Exception:  # noqa: BLE001 - not a checkpoint of ours: not a candidate
+            continue
+        if best_position is None or position > best_position:
+            best, best_position = path, position
+    return best
+
+
+def check_resume_position(checkpoint: dict, args: argparse.Namespace, runtime) -> None:
+    """A mid-epoch position counts batches of one batch size over one number of processes: refuse others."""
+    if not checkpoint.get("step_in_epoch"):
+        return  # an epoch boundary: any batch size or world size continues from there
+    saved = (checkpoint["batch_size_training"], checkpoint.get("world_size", 1))
+    if saved != (args.batch_size, runtime.world_size):
+        raise InputError(
+            f"--resume_path {args.resume_path} was saved mid-epoch with batch size {saved[0]} on {saved[1]} "
+            f"process(es); resume it with the same, or resume from the last epoch's checkpoint"
+        )
 
 
 def load_resume_checkpoint(path: str, args: argparse.Namespace, task_name: str) -> dict:
@@ -55,7 +91,7 @@ def default_output_dir(args: argparse.Namespace, task_name: str) -> Path:
     if args.resume_path is not None:
         resumed = Path(args.resume_path).resolve().parent
         return resumed.parent if resumed.name == "checkpoints" else resumed
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time()))
     return Path("runs") / f"{'demo_' if args.demo else ''}{task_name}_{args.model}_{stamp}"
 
 

@@ -158,8 +158,8 @@ def _add_training_arguments(train) -> None:
         "--amp",
         choices=AMP_CHOICES,
         default="auto",
-        help="mixed precision: auto = bf16 on GPUs that support it, fp16 with a gradient scaler on older GPUs, "
-        "off on the CPU",
+        help="mixed precision: auto = bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 with a "
+        "gradient scaler on older GPUs, bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), else off",
     )
     train.add_argument(
         "--device", type=str, default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N"
@@ -187,7 +187,14 @@ def _add_run_arguments(run, default_output_name: str) -> None:
         dest="resume_path",
         type=str,
         default=None,
-        help="checkpoint to resume from",
+        help="checkpoint to resume from; auto: the newest checkpoint in --output_dir, or a fresh start when "
+        "there is none (a preempted job can be resubmitted unchanged)",
+    )
+    run.add_argument(
+        "--checkpoint_every_steps",
+        type=positive_int,
+        default=None,
+        help="also checkpoint every this many steps within an epoch (the newest such one is kept)",
     )
 
 
@@ -212,6 +219,11 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Every cheap check of files and values, before any work or writing."""
     if args.num_workers < 0:
         raise InputError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.resume_path == "auto":
+        if args.output_dir is None:
+            raise InputError("--resume_path auto needs --output_dir (the folder to look for checkpoints in)")
+    elif args.resume_path is not None and not Path(args.resume_path).is_file():
+        raise InputError(f"--resume_path {args.resume_path}: no such file")
     if args.demo:
         return  # the demo's data is generated later, at known paths
     check_dataroot(args)
@@ -225,8 +237,6 @@ def check_common_args(args: argparse.Namespace) -> None:
     names = [Path(target).stem for target in args.val_targets]
     if len(set(names)) != len(names) or (args.lfw is not None and "lfw" in names):
         raise InputError(f"--val_targets: two targets share a name ({', '.join(names)}); rename one file")
-    if args.resume_path is not None and not Path(args.resume_path).is_file():
-        raise InputError(f"--resume_path {args.resume_path}: no such file")
 
 
 def check_dataroot(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
@@ -93,11 +93,35 @@ def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch:
     return make_loader(dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
 
 
+class SeededSamples(Dataset):
+    """``dataset[index]`` with the random augmentation drawn from a generator seeded by (seed, epoch, index).
+
+    So a sample is augmented the same whichever worker loads it and whatever was loaded before: an epoch
+    resumed mid-way, with any number of workers, sees exactly the images of the uninterrupted run.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        # the CPU generator alone (torch.manual_seed would seed CUDA too, 30x slower), restored afterwards
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(self.seed * 1_000_003 + int(index))
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(saved)
+
+
 def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, **sampling) -> DataLoader:
-    """A DataLoader whose workers' random streams depend only on (seed, epoch)."""
-    workers = usable_workers(args.num_workers, runtime.world_size)
+    """A DataLoader over ``dataset`` whose augmentation depends only on (seed, epoch, sample index)."""
+    workers = usable_workers(args.num_workers, runtime.local_world_size)
     return DataLoader(
-        dataset,
+        SeededSamples(dataset, epoch_seed(args.seed, epoch)),
         num_workers=workers,
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=False,

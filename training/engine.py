@@ -17,29 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 import eval_metrics
 from datasets.transforms import FACE_MEAN, FACE_STD
+from errors import InputError
 from fileio import save_torch_atomic, write_json_atomic
 from training.builders import LearningRateSchedule
 from training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
+    check_resume_position,
     checkpoint_path,
     claim_output_dir,
     default_output_dir,
+    latest_checkpoint,
     load_resume_checkpoint,
 )
 from training.cli import check_common_args, prepare_demo_data
+from training.coordination import RankFailed, agree_on_step, check_for_failure, raise_shared_failure
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
     Runtime,
-    all_reduce_sum,
     barrier,
     configure_logging,
     epoch_seed,
     log,
+    precision_note,
     seed_everything,
     setup_runtime,
 )
@@ -130,6 +135,7 @@ class StopRequested:
 
     @property
     def exit_status(self) -> int:
+        """130 after SIGINT; 143 after SIGTERM, or when another process was the one asked to stop."""
         return 130 if self.signal_name == "SIGINT" else 143
 
 
@@ -181,6 +187,7 @@ class Trainer:
         self.resume_rng_state: torch.Tensor | None = None
         self.interrupted_path: Path | None = None
         self.consecutive_nonfinite = 0
+        self.stop_agreed = False  # some process was asked to stop: all stop after the same step
 
     # ----- checkpoints
 
@@ -208,6 +215,7 @@ class Trainer:
             "scheduler_state_dict": self.schedule.state_dict(),
             "grad_scaler_state_dict": self.scaler.state_dict(),
             "step_in_epoch": step_in_epoch,
+            "world_size": self.runtime.world_size,
             "partial_epoch": {
                 "loss_sum": totals.loss_sum,
                 "count": totals.count,
@@ -219,7 +227,13 @@ class Trainer:
         }
         return state
 
-    def save(self, completed_epochs: int, step_in_epoch: int = 0, totals: EpochTotals | None = None):
+    def save(
+        self,
+        completed_epochs: int,
+        step_in_epoch: int = 0,
+        totals: EpochTotals | None = None,
+        name_suffix: str | None = None,
+    ):
         """Rank 0 writes the checkpoint (mid-epoch ones are ``_interrupted``); returns its path there.
 
         Every rank calls it: the task's extras may be collective (a sharded classifier gathers its rows).
@@ -229,15 +243,31 @@ class Trainer:
         if self.runtime.is_main:
             interrupted = step_in_epoch > 0
             path = checkpoint_path(
-                self.output_dir, self.args.model, self.task.name, completed_epochs + interrupted, interrupted
+                self.output_dir,
+                self.args.model,
+                self.task.name,
+                completed_epochs + interrupted,
+                interrupted,
+                suffix=name_suffix,
             )
             state = self.checkpoint_state(completed_epochs, step_in_epoch, totals or EpochTotals())
             save_torch_atomic({**state, **extras}, path)
         barrier(self.runtime)
         return path
 
+    def save_periodic(self, epoch: int, step: int, totals: EpochTotals) -> None:
+        """--checkpoint_every_steps: a mid-epoch checkpoint ``..._epoch_<N>_step_<S>.pt``; the previous
+        one of this epoch is removed once the new one is written (epoch-end checkpoints all stay)."""
+        path = self.save(epoch, step, totals, name_suffix=f"_step_{step}")
+        if self.runtime.is_main:
+            pattern = f"model_{self.args.model}_{self.task.name}_epoch_{epoch + 1}_step_*.pt"
+            for older in path.parent.glob(pattern):
+                if older != path:
+                    older.unlink(missing_ok=True)
+
     def resume(self, checkpoint: dict) -> None:
         task = self.task
+        check_resume_position(checkpoint, self.args, self.runtime)
         task.model.load_state_dict(checkpoint["model_state_dict"])
         task.optimizers[0].load_state_dict(checkpoint["optimizer_model_state_dict"])
         self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
@@ -264,44 +294,61 @@ class Trainer:
             torch.set_rng_state(self.resume_rng_state)
         total = self.task.steps_per_epoch()
         progress = tqdm(
-            self.task.batches(epoch, start_step),
             total=total,
             initial=start_step,
             desc=f"epoch {epoch + 1}/{self.args.epochs}",
             disable=not self.runtime.is_main or not sys.stderr.isatty(),
             dynamic_ncols=True,
         )
-        for step, batch in enumerate(progress, start=start_step + 1):
-            self.train_step(epoch, step, batch, totals)
+        batches = iter(self.task.batches(epoch, start_step))
+        for step in range(start_step + 1, total + 1):
+            self.train_step(epoch, step, batches, totals, stop)
+            progress.update()
             if step % LOG_EVERY_STEPS == 0 or step == total:
                 progress.set_postfix(
                     loss=f"{totals.loss_sum / max(totals.count, 1):.4f}",
                     **{self.task.count_name: int(totals.count)},
                 )
-            if stop.signal_name is not None and step < total:
+            if self.stop_agreed and step < total:
                 progress.close()
                 self.interrupted_path = self.save(epoch, step, totals)
                 return None
+            if (
+                self.args.checkpoint_every_steps
+                and step % self.args.checkpoint_every_steps == 0
+                and step < total
+            ):
+                self.save_periodic(epoch, step, totals)
         progress.close()
         return totals
 
-    def train_step(self, epoch: int, step: int, batch, totals: EpochTotals) -> None:
-        """Forward, then, unless the loss is non-finite on any process, backward and the optimizer steps."""
+    def train_step(self, epoch: int, step: int, batches, totals: EpochTotals, stop: StopRequested) -> None:
+        """Load and forward a batch; agree with the other processes (one all-reduce); then, unless a loss
+        was non-finite or a process failed, backward and the optimizer steps."""
         runtime = self.runtime
-        self.schedule.apply(epoch * self.steps_per_epoch + step - 1)  # the lr follows the position alone
-        with torch.autocast(
-            runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
-        ):
-            out = self.task.step(self.step_module, batch)
-        # the one host sync a step needs: the processes agree whether to apply the step
-        nonfinite = (~torch.isfinite(out.loss_sum)).double()
-        stats = torch.stack([out.loss_sum.double().nan_to_num(), out.count.double(), nonfinite])
-        step_loss_sum, step_count, nonfinite_ranks = all_reduce_sum(stats, runtime).tolist()
-        if not nonfinite_ranks:
+        out, error = None, None
+        try:
+            batch = next(batches)
+            self.schedule.apply(epoch * self.steps_per_epoch + step - 1)  # the lr follows the position alone
+            with torch.autocast(
+                runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
+            ):
+                out = self.task.step(self.step_module, batch)
+        except Exception as caught:  # noqa: BLE001 - every process must learn of it, whatever it is
+            if not runtime.distributed:
+                raise
+            if not isinstance(caught, InputError):
+                log.exception(f"rank {runtime.rank}: the step failed")
+            error = caught
+        verdict = agree_on_step(out, error is not None, stop.signal_name is not None, runtime)
+        if verdict.failed_rank is not None:
+            raise_shared_failure(error, verdict.failed_rank, runtime)
+        self.stop_agreed = self.stop_agreed or verdict.stop
+        if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
             backward_and_step(self.task, out.loss, self.scaler)
-            totals.loss_sum += step_loss_sum
-            totals.count += step_count
+            totals.loss_sum += verdict.loss_sum
+            totals.count += verdict.count
             return
         totals.skipped_steps += 1
         self.consecutive_nonfinite += 1
@@ -334,11 +381,20 @@ class Trainer:
         self.history.epochs.append(completed)
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
-        if validate and self.runtime.is_main:
-            row.update(self.validate(completed))
+        error = None
         if self.runtime.is_main:
-            append_csv_row(self.output_dir / "training_log.csv", row)
-            plot_history(self.history, self.output_dir / "plots")
+            try:
+                if validate:
+                    row.update(self.validate(completed))
+                append_csv_row(self.output_dir / "training_log.csv", row)
+                plot_history(self.history, self.output_dir / "plots")
+            except Exception as caught:  # noqa: BLE001 - the other processes wait for rank 0: tell them
+                if not self.runtime.distributed:
+                    raise
+                if not isinstance(caught, InputError):
+                    log.exception("rank 0: the validation failed")
+                error = caught
+        check_for_failure(error, self.runtime)
         self.save(completed)
 
     def validate(self, completed: int) -> dict[str, float]:
@@ -361,22 +417,23 @@ class Trainer:
         return row
 
     def fit(self) -> int:
-        """Every remaining epoch; the exit status (0, or 130 / 143 after SIGINT / SIGTERM)."""
+        """Every remaining epoch; the exit status (0, or 130 / 143 after SIGINT / SIGTERM on any process)."""
         with StopRequested() as stop:
             for epoch in range(self.start_epoch, self.args.epochs):
                 started = time.perf_counter()
                 totals = self.train_epoch(epoch, stop)
+                reason = stop.signal_name or "a stop request on another process"
                 if totals is None:
                     log.warning(
-                        f"{stop.signal_name}: stopped in epoch {epoch + 1}; resume with "
-                        f"--resume_path {self.interrupted_path}"
+                        f"{reason}: stopped in epoch {epoch + 1}; resume with --resume_path "
+                        f"{self.interrupted_path or 'auto'}"
                     )
                     return stop.exit_status
                 self.finish_epoch(epoch, totals, time.perf_counter() - started)
-                if stop.signal_name is not None:
+                if self.stop_agreed:
                     path = checkpoint_path(self.output_dir, self.args.model, self.task.name, epoch + 1, False)
                     log.warning(
-                        f"{stop.signal_name}: stopped after epoch {epoch + 1}; resume with --resume_path {path}"
+                        f"{reason}: stopped after epoch {epoch + 1}; resume with --resume_path {path}"
                     )
                     return stop.exit_status
         log.info(f"training finished; checkpoints, log and plots in {self.output_dir}")
@@ -386,6 +443,10 @@ class Trainer:
 def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, resuming: bool):
     """The run's folder, claimed and described (``run_config.json``); the validator, on the main process."""
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, task_name)
+    if runtime.distributed:  # rank 0 names the folder: the others' clocks may be a second later
+        chosen = [str(output_dir)]
+        dist.broadcast_object_list(chosen, src=0)
+        output_dir = Path(chosen[0])
     args.output_dir = str(output_dir)
     if args.demo:
         if runtime.is_main:
@@ -407,12 +468,19 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
     """Everything from checked arguments to the last checkpoint; returns the exit status."""
     check_common_args(args)
+    runtime = setup_runtime(args)
+    auto_resume = args.resume_path == "auto"
+    if auto_resume:
+        args.resume_path = agreed_latest_checkpoint(args, task_class.name, runtime)
     resume_checkpoint = (
         load_resume_checkpoint(args.resume_path, args, task_class.name) if args.resume_path else None
     )
-    runtime = setup_runtime(args)
-    output_dir, validator = prepare_output(args, runtime, task_class.name, resume_checkpoint is not None)
+    output_dir, validator = prepare_output(
+        args, runtime, task_class.name, resuming=resume_checkpoint is not None or auto_resume
+    )
     configure_logging(output_dir, runtime.is_main)
+    if auto_resume and resume_checkpoint is None:
+        log.info(f"--resume_path auto: no checkpoint in {output_dir}; starting from scratch")
     seed_everything(args.seed)
     task = task_class(args, runtime)  # builds data, model and optimizers
     trainer = Trainer(task, output_dir, validator)
@@ -421,10 +489,26 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
     log.info(
         f"{task.name} training of {args.model} on {runtime.device}"
         f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
-        f"mixed precision {runtime.amp_dtype or 'off'}; output in {output_dir}"
+        f"{precision_note(args, runtime)}; output in {output_dir}"
     )
     try:
         return trainer.fit()
     except TrainingDiverged as error:
         log.error(str(error))
         return 3
+    except RankFailed as error:
+        if error.input_error:
+            raise InputError(str(error)) from None
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: Runtime) -> str | None:
+    """--resume_path auto: the newest complete checkpoint of --output_dir as rank 0 sees it, or None."""
+    latest = [None]
+    if runtime.is_main:
+        found = latest_checkpoint(Path(args.output_dir), args.model, task_name)
+        latest = [None if found is None else str(found)]
+    if runtime.distributed:
+        dist.broadcast_object_list(latest, src=0)
+    return latest[0]

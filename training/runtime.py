@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from devices import resolve_amp, resolve_device
+from devices import auto_amp, resolve_amp, resolve_device
+from errors import InputError
 
 log = logging.getLogger("facenet")
 
@@ -31,6 +32,8 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     amp_dtype: torch.dtype | None = None
+    eval_amp_dtype: torch.dtype | None = None  # validation's autocast (fp32 on the CPU under --amp auto)
+    local_world_size: int = 1  # the processes on this machine
 
     @property
     def is_main(self) -> bool:
@@ -47,16 +50,37 @@ class Runtime:
 
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
-    """Device, process group (under torchrun) and precision."""
+    """Device, process group (under torchrun, PyTorch's own c10d rendezvous) and precision."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world_size > 1 and ":" in args.device:
+        raise InputError(
+            f"--device {args.device} with {world_size} processes would put every process on one GPU; "
+            "use --device cuda (each process takes its local GPU) or auto"
+        )
     device = resolve_device(args.device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world_size, local_rank, resolve_amp(args.amp, device))
+    return Runtime(
+        device,
+        rank,
+        world_size,
+        local_rank,
+        amp_dtype=resolve_amp(args.amp, device),
+        eval_amp_dtype=resolve_amp(args.amp, device, training=False),
+        local_world_size=local_world_size,
+    )
+
+
+def precision_note(args: argparse.Namespace, runtime: Runtime) -> str:
+    """What precision the run uses and, under --amp auto, why."""
+    if args.amp == "auto":
+        return f"--amp auto chose {auto_amp(runtime.device)[1]}"
+    return f"mixed precision {runtime.amp_dtype or 'off'} (--amp {args.amp})"
 
 
 def seed_everything(seed: int) -> None:

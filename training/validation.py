@@ -50,8 +50,8 @@ class Validator:
                 dataset,
                 self.runtime.device,
                 batch_size=self.args.lfw_batch_size,
-                num_workers=usable_workers(self.args.num_workers),
-                amp_dtype=self.runtime.amp_dtype,
+                num_workers=usable_workers(self.args.num_workers, self.runtime.local_world_size),
+                amp_dtype=self.runtime.eval_amp_dtype,
                 progress=sys.stderr.isatty(),
             )
             label = "LFW" if name == "lfw" else name
