@@ -25,7 +25,7 @@ from errors import InputError
 from losses import CenterLoss
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, parse_args, positive_float, run_script
-from training.data import ensure_dataset_csv, shuffled_batches, shuffled_steps
+from training.data import ImagesToDevice, ensure_dataset_csv, shuffled_batches, shuffled_steps
 from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
@@ -84,8 +84,9 @@ class CenterTask(TrainingTask):
         super().__init__(args, runtime)
         csv_path = ensure_dataset_csv(args, runtime)
         self.dataset = LabelledFaceDataset(
-            args.dataroot, csv_path, transform=train_transform(args.image_size)
+            args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
+        self.to_device = ImagesToDevice(runtime.device)
         self.num_classes = self.dataset.num_classes
         self.num_steps = shuffled_steps(len(self.dataset), args.batch_size, runtime)
         self.model = build_embedding_model(args, runtime.device, num_classes=self.num_classes)
@@ -104,7 +105,7 @@ class CenterTask(TrainingTask):
 
     def step(self, step_module, batch) -> StepOutput:
         images, labels = batch
-        images = images.to(self.runtime.device, non_blocking=True, memory_format=torch.channels_last)
+        images = self.to_device(images)
         labels = labels.to(self.runtime.device, non_blocking=True)
         logits, center_loss = step_module(images, labels)
         loss = F.cross_entropy(logits.float(), labels) + self.args.center_loss_weight * center_loss

@@ -33,7 +33,7 @@ from losses.margin_softmax import LOSS_MARGINS
 from losses.partial_fc import CosineClassifier, PartialSGD
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, non_negative_float, parse_args, positive_float, run_script
-from training.data import ensure_dataset_csv, shuffled_batches, shuffled_steps
+from training.data import ImagesToDevice, ensure_dataset_csv, shuffled_batches, shuffled_steps
 from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
@@ -121,8 +121,9 @@ class MarginTask(TrainingTask):
             raise InputError(f"--sample_rate must be in (0, 1], got {args.sample_rate}")
         csv_path = ensure_dataset_csv(args, runtime)
         self.dataset = LabelledFaceDataset(
-            args.dataroot, csv_path, transform=train_transform(args.image_size)
+            args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
+        self.to_device = ImagesToDevice(runtime.device)
         self.num_classes = self.dataset.num_classes
         if self.num_classes < runtime.world_size:
             raise InputError(
@@ -161,7 +162,7 @@ class MarginTask(TrainingTask):
 
     def step(self, step_module: nn.Module, batch) -> StepOutput:
         images, labels = batch
-        images = images.to(self.runtime.device, non_blocking=True, memory_format=torch.channels_last)
+        images = self.to_device(images)
         labels = labels.to(self.runtime.device, non_blocking=True)
         # the classifier returns the mean over the global batch, the same on every process; weighting it by
         # this process's count makes the trainer's all-reduced average that same mean

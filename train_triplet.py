@@ -29,7 +29,14 @@ from errors import InputError
 from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, parse_args, positive_float, positive_int, run_script
-from training.data import ShardSampler, SkipBatches, ensure_dataset_csv, make_loader
+from training.data import (
+    ImagesToDevice,
+    ShardSampler,
+    SkipBatches,
+    ensure_dataset_csv,
+    make_loader,
+    stack_triplets,
+)
 from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
@@ -178,7 +185,8 @@ class TripletTask(TrainingTask):
         super().__init__(args, runtime)
         self.online = args.triplet_selection in ONLINE_RULES
         csv_path = ensure_dataset_csv(args, runtime)
-        transform = train_transform(args.image_size)
+        transform = train_transform(args.image_size, normalize=False)  # normalised on the device
+        self.to_device = ImagesToDevice(runtime.device)
         images_per_step = (
             args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
         )
@@ -239,13 +247,21 @@ class TripletTask(TrainingTask):
         sampler = ShardSampler(
             len(self.dataset), runtime.rank, runtime.world_size, start=start_step * args.batch_size
         )
-        return make_loader(self.dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
+        return make_loader(
+            self.dataset,
+            args,
+            runtime,
+            epoch,
+            sampler=sampler,
+            batch_size=args.batch_size,
+            collate_fn=stack_triplets,
+        )
 
     def step(self, step_module, batch) -> StepOutput:
         device = self.runtime.device
         if self.online:
             images, labels = batch
-            embeddings = step_module(images.to(device, non_blocking=True, memory_format=torch.channels_last))
+            embeddings = step_module(self.to_device(images))
             labels = labels.to(device, non_blocking=True)
             if self.args.triplet_selection == "batch_hard":
                 anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
@@ -254,7 +270,7 @@ class TripletTask(TrainingTask):
             loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
             count = torch.tensor(float(anchors.numel()), device=device)
         else:
-            images = torch.cat(batch).to(device, non_blocking=True, memory_format=torch.channels_last)
+            images = self.to_device(batch)  # anchors, positives, negatives: stacked by the workers
             select = selection_rule(self.args.margin, self.args.triplet_selection)
             step = select_then_train if self.args.selection_pass else masked_single_pass
             loss, count = step(step_module, images, select, self.loss_fn)

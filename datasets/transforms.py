@@ -55,14 +55,19 @@ def _square_size(image_size) -> tuple[int, int]:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
 
-def train_transform(image_size, mean=FACE_MEAN, std=FACE_STD) -> v2.Compose:
-    """The original's training augmentation, square-resized to `image_size`; accepts what `load_image` returns."""
+def train_transform(image_size, mean=FACE_MEAN, std=FACE_STD, normalize: bool = True) -> v2.Compose:
+    """The original's training augmentation, square-resized to `image_size`; accepts what `load_image` returns.
+
+    ``normalize=False`` stops at a uint8 CHW tensor: the training scripts' workers return those (a quarter of
+    float32's shared memory and host-to-device copy) and `ToNormalizedTensor` runs on the device instead.
+    """
+    last = ToNormalizedTensor(mean, std) if normalize else v2.PILToTensor()
     return v2.Compose(
         [
             v2.Resize(_square_size(image_size), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomRotation(5),
-            ToNormalizedTensor(mean, std),
+            last,
         ]
     )
 

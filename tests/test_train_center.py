@@ -71,6 +71,7 @@ def center_step(weight: float, features: torch.Tensor, labels: torch.Tensor, cen
     task = train_center.CenterTask.__new__(train_center.CenterTask)
     task.args = SimpleNamespace(center_loss_weight=weight)
     task.runtime = Runtime(torch.device("cpu"))
+    task.to_device = lambda images: images  # the features are the "images": no uint8 conversion here
     task.center_loss = CenterLoss(*centers.shape).double()
     task.center_loss.centers.data.copy_(centers)
     model = FixedFeatures(centers.shape[0], centers.shape[1])

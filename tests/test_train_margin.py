@@ -56,6 +56,7 @@ def test_the_logged_loss_is_the_classifier_loss_of_the_saved_weights_at_lr_zero(
     classifier over the whole epoch, recomputed here from the checkpoint with the same batches."""
     output_dir = tmp_path / "run"
     args = margin_args(tiny_demo_data, output_dir, "--epochs", "1", "--lr", "1e-30", "--loss", "cosface")
+    args += ["--amp", "off"]  # the recomputation below is in fp32
     assert train_margin.main(args) == 0
     checkpoint = checkpoint_of(output_dir, 1)
     parsed = train_margin.parse_args(train_margin.get_args_parser(), args, {})
@@ -69,7 +70,7 @@ def test_the_logged_loss_is_the_classifier_loss_of_the_saved_weights_at_lr_zero(
     with torch.no_grad():
         for images, labels in task.batches(0, 0):
             classifier = CosineClassifier(6, 16, margin=(1.0, 0.0, 0.35), scale=64.0, seed=parsed.seed)
-            loss = classifier(task.model(images), labels)
+            loss = classifier(task.model(task.to_device(images)), labels)
             total += float(loss) * len(labels)
             count += len(labels)
     with (output_dir / "training_log.csv").open() as handle:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
+from datasets.transforms import ToNormalizedTensor
 from devices import usable_workers
 from training.runtime import Runtime, barrier, epoch_seed, log
 
@@ -91,6 +92,26 @@ def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch:
         seed=epoch_seed(args.seed, epoch),
     )
     return make_loader(dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
+
+
+class ImagesToDevice:
+    """Workers send uint8 batches (pinned when the device is a GPU); here they are copied without blocking,
+    then converted and normalised on the device, channels_last. The same arithmetic as the CPU transform."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.normalize = ToNormalizedTensor().to(device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = self.normalize(images.to(self.device, non_blocking=True))
+        return images.contiguous(memory_format=torch.channels_last)
+
+
+def stack_triplets(samples) -> torch.Tensor:
+    """Collate (anchor, positive, negative) samples into one (3B, C, H, W) batch, anchors first, in the
+    worker: the pinned buffer is then the one copied to the device, with no concatenation after it."""
+    anchors, positives, negatives = zip(*samples, strict=True)
+    return torch.stack([*anchors, *positives, *negatives])
 
 
 class SeededSamples(Dataset):
