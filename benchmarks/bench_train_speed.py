@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_triplet  # noqa: E402
-from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers  # noqa: E402
+from devices import AMP_CHOICES, auto_amp, resolve_amp, resolve_device, usable_workers  # noqa: E402
 from losses import TripletLoss  # noqa: E402
 from models import build_model  # noqa: E402
 from training.builders import build_optimizer  # noqa: E402
@@ -248,6 +248,8 @@ def print_setup(args, device, amp_dtype) -> None:
         f"({3 * args.batch_size} images) a step, {args.steps} timed steps after {args.warmup} warm-up, "
         f"median of {args.repeats}"
     )
+    if args.amp == "auto":
+        print(f"--amp auto chose {auto_amp(device)[1]}")
 
 
 def print_table_header(with_data: bool) -> None:
