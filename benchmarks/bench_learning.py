@@ -17,12 +17,37 @@ Methods, all ResNet-18 from scratch with the same augmentation (datasets.transfo
   batch_hard  online mining over P identities x K images (Hermans et al. 2017)
   batch_all   online mining, every in-batch triplet with a positive loss
   center      cross-entropy on the scaled unit embedding + center loss (train_center.py)
+  arcface     margin softmax s * cos(theta + m) on the target class (train_margin.py --loss arcface)
+  cosface     margin softmax s * (cos theta - m) (train_margin.py --loss cosface)
+  combined    s * (cos(m1 theta + m2) - m3) (train_margin.py --loss combined)
 A method name may carry overrides of any flag of its training script: `batch_hard:margin=0.5,lr=3e-3`.
+The triplet and center methods use Adam at --lr with a constant lr. The margin methods start from
+MARGIN_BASE (below), train_margin.py's own defaults (SGD lr 0.1, s = 64, poly decay, one epoch of warmup),
+which learn little in this budget; benchmarks/results/margin_tuning.md has what did better, e.g.
+`cosface:optimizer=adam,lr=1e-3,classifier_lr_scale=100,weight_decay=1e-5,margin_scale=32`. --lr and
+--margin of this script (the triplet margin) do not apply to them: override them per method.
 
 The real code is driven, not re-implemented: each run parses its flags with the script's own
-`get_args_parser()`, builds `TripletTask` / `CenterTask` on `training.runtime.Runtime(cpu)`, iterates
-`task.batches(epoch, 0)` and applies `task.step` exactly as `training.engine.Trainer` does (backward,
-`task.before_optimizer_step()`, optimizer steps, zero_grad).
+`get_args_parser()`, builds `TripletTask` / `CenterTask` / `MarginTask` on `training.runtime.Runtime(cpu)`,
+iterates `task.batches(epoch, 0)` and applies `task.step` exactly as `training.engine.Trainer` does (the lr
+schedule's `apply(global_step)`, backward, `task.before_optimizer_step()`, optimizer steps, zero_grad).
+
+Learning-rate schedule. Each run follows its script's --lr_schedule and --warmup_epochs through
+`training.builders.LearningRateSchedule` over `task.scheduled_optimizers()`, with warmup steps
+round(warmup_epochs x steps_per_epoch), applied before every step, as the Trainer does. A budgeted run has no
+--epochs of its own (it is given 100000 and stopped by the budget), and a decay over 100000 epochs would be
+no decay at all. So a decaying schedule (cosine, poly) decays over the epochs the budget affords, as if the
+script had been run with `--epochs E` and stopped at the budget: after the first CALIBRATION_STEPS steps
+after step 0 (which pays one-off costs), the CPU seconds a step takes give the steps left in the budget, and
+E = ceil(all the steps the budget affords / steps_per_epoch). The schedule has E epochs from then on.
+Rounding up, the lr ends the budget small but not zero (how small depends on how much of the last epoch the
+budget reaches). It is an estimate: a step's CPU time varies with the machine's load by several percent, so a
+run whose budget ends near a whole number of epochs may overshoot E epochs by a few steps, taken at lr 0
+(compare the record's `steps` with E x steps_per_epoch). The first CALIBRATION_STEPS + 1 steps use the
+horizon of --epochs: the same lr when they are warmup steps (poly and cosine do not decay during warmup),
+within a few percent otherwise. E is in each run's record (`lr_schedule`). A constant schedule with no
+warmup (the triplet and center methods) sets every lr to its base value at every step, so those runs are
+what they were before the schedule was applied.
 
 Fair budget. The machine is shared, so wall time is unfair between runs. Every run gets the same budget of
 process CPU time (`time.process_time()`), with one torch thread and `num_workers=0`, so image decoding and
@@ -54,11 +79,27 @@ if __package__ in (None, ""):
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
-METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center")
+MARGIN_METHODS = ("arcface", "cosface", "combined")  # train_margin.py --loss <method>
+METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center", *MARGIN_METHODS)
+DEFAULT_METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center")
 TRAIN_FOLDS = range(0, 5)  # folds 1-5 (0-based)
 FAR_KEY = "tar_at_far_0.01"
 # the settings every method shares; the per-method ones are in method_settings()
 COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
+# the margin methods' base: train_margin.py's own defaults (SGD, poly decay, one epoch of warmup), written out
+# so that the table shows them and a change of the script's defaults does not reuse old cached runs
+MARGIN_BASE = {
+    "model": "resnet18",
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "weight_decay": 5e-4,
+    "lr_schedule": "poly",
+    "warmup_epochs": 1.0,
+    "batch_size": 128,
+    "margin_scale": 64.0,
+}
+# steps timed to estimate how many the budget affords (the decay horizon of cosine and poly schedules)
+CALIBRATION_STEPS = 10
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
+        default=list(DEFAULT_METHODS),
         help=f"methods ({', '.join(METHODS)}), each optionally with flag overrides: name:flag=value,flag=value",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds")
@@ -88,8 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(0: every method gets every seed)",
     )
     parser.add_argument("--image_size", type=int, default=64, help="input side in pixels (lfw_112 is 112)")
-    parser.add_argument("--lr", type=float, default=COMMON_DEFAULTS["lr"], help="learning rate (adam)")
-    parser.add_argument("--margin", type=float, default=0.2, help="triplet margin")
+    parser.add_argument(
+        "--lr", type=float, default=COMMON_DEFAULTS["lr"], help="learning rate (adam; not the margin methods)"
+    )
+    parser.add_argument("--margin", type=float, default=0.2, help="triplet margin (not the margin methods)")
     parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
@@ -191,6 +234,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
 
 def method_settings(method: str, bench_args: argparse.Namespace, overrides: dict[str, str]) -> dict:
     """The training-script flags (without paths and seed) of a method, overrides applied last."""
+    if method in MARGIN_METHODS:
+        return {**MARGIN_BASE, "image_size": bench_args.image_size, "loss": method, **overrides}
     settings = {**COMMON_DEFAULTS, "image_size": bench_args.image_size, "lr": bench_args.lr}
     if method in ("hard", "semihard"):
         # 32 triplets = 96 images a step; a new random 1,280 triplets every "epoch"
@@ -220,7 +265,7 @@ def script_argv(method: str, settings: dict, seed: int, split: dict, output_dir:
         if str(value).lower() in ("true", "false"):  # a boolean flag: --key / --no-key
             argv.append(f"--{key}" if str(value).lower() == "true" else f"--no-{key}")
         else:
-            argv += [f"--{key}", str(value)]
+            argv += [f"--{key}", *str(value).split()]  # "1 0.3 0.2": a flag of several values
     return argv
 
 
@@ -245,7 +290,9 @@ class TrainingClock:
 
 
 def images_in(batch) -> int:
-    """Images a batch feeds through the model: (images, labels) or the (anchor, positive, negative) triple."""
+    """Images a batch feeds through the model: (images, labels), or one stacked (3B, C, H, W) triplet batch."""
+    if getattr(batch, "ndim", 0) == 4:  # pre-generated triplets arrive stacked: anchors, positives, negatives
+        return int(batch.shape[0])
     return sum(int(part.shape[0]) for part in batch if getattr(part, "ndim", 0) == 4)
 
 
@@ -290,13 +337,14 @@ def train_one(job: dict) -> dict:
     wall_start = time.perf_counter()
     seed_everything(args.seed)
     task = task_class(args, runtime)
+    schedule = None
     if job["method"] == "untrained":
         progress = RunProgress()
         progress.curve.append(
             {"train_cpu_s": 0.0, "steps": 0, "images": 0, "epochs": 0, **evaluate(task, lfw_dataset)}
         )
     else:
-        progress = train_within_budget(job, task, args, lfw_dataset)
+        progress, schedule = train_within_budget(job, task, args, lfw_dataset)
     record = {
         "key": job["key"],
         "method": job["method"],
@@ -310,6 +358,7 @@ def train_one(job: dict) -> dict:
         "images": progress.images,
         f"{task.count_name}_trained_on": progress.trained_on,
         "skipped_steps": progress.skipped,
+        "lr_schedule": schedule.state_dict() if schedule is not None else None,
         "eval_cpu_s": round(progress.eval_cpu, 1),
         "wall_s": round(time.perf_counter() - wall_start, 1),
         "load_average_before": load_before,
@@ -323,6 +372,7 @@ def train_one(job: dict) -> dict:
 def parse_run_flags(job: dict) -> tuple[list[str], argparse.Namespace, type]:
     """The run's training-script argv, parsed by that script's own parser, and the task class to build."""
     import train_center
+    import train_margin
     import train_triplet
 
     output_dir = Path(job["work_dir"]) / "runs" / job["key"]
@@ -330,11 +380,12 @@ def parse_run_flags(job: dict) -> tuple[list[str], argparse.Namespace, type]:
     argv = script_argv(job["method"], job["settings"], job["seed"], job["split"], output_dir)
     # "untrained" is any triplet task evaluated before its first step: with the same seed every method starts
     # from the same embedding network (the center task's classifier is built after it)
-    script, task_class = (
-        (train_center, train_center.CenterTask)
-        if job["method"] == "center"
-        else (train_triplet, train_triplet.TripletTask)
-    )
+    if job["method"] == "center":
+        script, task_class = train_center, train_center.CenterTask
+    elif job["method"] in MARGIN_METHODS:
+        script, task_class = train_margin, train_margin.MarginTask
+    else:
+        script, task_class = train_triplet, train_triplet.TripletTask
     return argv, script.get_args_parser().parse_args(argv), task_class
 
 
@@ -349,8 +400,30 @@ def load_test_pairs(args: argparse.Namespace, split: dict):
     return lfw_dataset
 
 
-def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset) -> RunProgress:
-    """Train as training.engine.Trainer does, evaluating at each of the job's CPU-time points, until the last."""
+def build_schedule(task, args: argparse.Namespace, epochs: int):
+    """The run's lr schedule as the Trainer builds it, over `epochs` epochs."""
+    from training.builders import LearningRateSchedule
+
+    steps_per_epoch = task.steps_per_epoch()
+    warmup_steps = round(getattr(args, "warmup_epochs", 0.0) * steps_per_epoch)
+    return LearningRateSchedule(
+        args.lr_schedule, task.scheduled_optimizers(), epochs, steps_per_epoch, warmup_steps
+    )
+
+
+def budget_epochs(
+    budget: float, steps_done: int, elapsed: float, cpu_per_step: float, steps_per_epoch: int
+) -> int:
+    """The epochs the budget affords at `cpu_per_step` CPU seconds a step, rounded up (the decay horizon)."""
+    steps_left = max(0.0, budget - elapsed) / max(cpu_per_step, 1e-9)
+    return max(1, math.ceil((steps_done + steps_left) / max(1, steps_per_epoch)))
+
+
+def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset):
+    """Train as training.engine.Trainer does, evaluating at each of the job's CPU-time points, until the last.
+
+    Returns the progress and the lr schedule it ended with (see the module docstring for its horizon).
+    """
     import torch
 
     from training.engine import backward_and_step
@@ -359,10 +432,22 @@ def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset) 
     eval_points = list(job["eval_points"])
     clock = TrainingClock()
     progress = RunProgress()
+    schedule = build_schedule(task, args, args.epochs)
+    decays = args.lr_schedule != "constant"
+    calibration_start = None
     while eval_points:
         task.step_module.train()
         torch.manual_seed(epoch_seed(args.seed, progress.epoch))
         for batch in task.batches(progress.epoch, 0):
+            if decays and progress.steps == 1:
+                calibration_start = clock.elapsed()
+            elif decays and progress.steps == 1 + CALIBRATION_STEPS:
+                cpu_per_step = (clock.elapsed() - calibration_start) / CALIBRATION_STEPS
+                epochs = budget_epochs(
+                    job["budget"], progress.steps, clock.elapsed(), cpu_per_step, task.steps_per_epoch()
+                )
+                schedule = build_schedule(task, args, epochs)
+            schedule.apply(progress.steps)  # the global step, 0-based, as Trainer.train_step
             out = task.step(task.step_module, batch)
             if torch.isfinite(out.loss_sum):
                 backward_and_step(task, out.loss)
@@ -381,7 +466,7 @@ def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset) 
                 if not eval_points:
                     break
         progress.epoch += 1
-    return progress
+    return progress, schedule
 
 
 def add_evaluation(key: str, task, lfw_dataset, clock: TrainingClock, progress: RunProgress) -> None:
@@ -462,7 +547,8 @@ def run_jobs(jobs: list[dict], num_jobs: int, reuse: bool) -> list[dict]:
 # --------------------------------------------------------------------------------------------- report
 
 
-UNSHOWN_SETTINGS = ("model", "triplet_selection", "num_triplets_train")  # implied by the method and run
+# implied by the method and run
+UNSHOWN_SETTINGS = ("model", "triplet_selection", "num_triplets_train", "loss")
 
 
 def settings_text(record: dict) -> str:
@@ -474,6 +560,9 @@ def settings_text(record: dict) -> str:
         keys += ["batch_size", "logit_scale", "center_loss_weight", "center_loss_lr"]
     elif record["method"] in ("hard", "semihard"):
         keys += ["margin", "batch_size"]
+    elif record["method"] in MARGIN_METHODS:
+        keys += ["batch_size", "margin_scale", "margin", "margins", "weight_decay", "lr_schedule"]
+        keys += ["warmup_epochs"]
     else:
         keys += ["margin", "identities_per_batch", "images_per_identity"]
     keys += [key for key in settings if key not in keys and key not in UNSHOWN_SETTINGS]  # overrides
@@ -538,10 +627,26 @@ def plot_curves(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(
-        zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
-    )
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+    colours = dict(zip(METHODS, palette + ("tab:gray",), strict=True))
     styles = ["-", "--", ":", "-."]
+    # several settings of one method (a tuning pass) each get a colour of their own
+    variants = list(
+        dict.fromkeys((r["method"], settings_text(r)) for r in records if r["method"] != "untrained")
+    )
+    if len(variants) > len({method for method, _ in variants}):
+        colours = None
+        cycle = [f"C{i}" for i in range(10)]
+
+    def variant(record: dict) -> tuple[str, str]:
+        return record["method"], settings_text(record)
+
+    def short_settings(record: dict) -> str:
+        """The settings that differ between the runs of this record's method."""
+        same_method = [r["settings"] for r in records if r["method"] == record["method"]]
+        varying = [k for k in record["settings"] if len({str(s.get(k)) for s in same_method}) > 1]
+        return ", ".join(f"{key}={record['settings'][key]}" for key in varying) or "base"
+
     seeds = sorted({record["seed"] for record in records})
     # every curve starts at its seed's untrained network (the same for every method, see train_one)
     start = {record["seed"]: record["final"] for record in records if record["method"] == "untrained"}
@@ -557,9 +662,10 @@ def plot_curves(records: list[dict], path: Path) -> None:
                 x,
                 y,
                 marker="o",
-                color=colours[record["method"]],
+                color=colours[record["method"]] if colours else cycle[variants.index(variant(record)) % 10],
                 linestyle=styles[seeds.index(record["seed"]) % len(styles)],
-                label=f"{record['method']} seed {record['seed']}",
+                label=f"{record['method']} seed {record['seed']}"
+                + (f" ({short_settings(record)})" if not colours else ""),
             )
         ax.set(
             xlabel="training time (process CPU seconds, 1 thread)",
