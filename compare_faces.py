@@ -9,7 +9,10 @@ threshold found while training) or the one given with ``--threshold``. Many pair
     python compare_faces.py --model_path model.pt --pairs_csv pairs.csv --output_csv distances.csv
 
 reads columns ``image1,image2`` and writes ``image1,image2,distance,same``; each distinct image is embedded
-once. Photos should be aligned face crops like the training data; nothing here detects faces.
+once. Photos should be aligned face crops like the training data, or, with ``--align``, any photos: the face
+is then found with MTCNN and cropped the way the checkpoint's training data was (see inference.py; a photo
+without a face is an error, of several faces the largest is used). ``--preprocess`` names the preprocessing
+of a checkpoint that does not store its own (the original's 2021 models: ``--preprocess original-2021``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ import pandas as pd
 from devices import resolve_device
 from errors import InputError, report_input_errors
 from fileio import atomic_write
-from inference import FaceEmbedder, distance, load_checkpoint
+from inference import (
+    PREPROCESS_PRESETS,
+    FaceEmbedder,
+    decision_threshold,
+    distance,
+    load_checkpoint,
+    preset_help,
+)
 
 CSV_COLUMNS = ("image1", "image2")
 
@@ -49,6 +59,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=None, help="input size; default: the checkpoint's")
     parser.add_argument("--flip", action="store_true", help="also embed the mirrored photos and average")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--align",
+        action="store_true",
+        help="the photos are raw: detect the face (MTCNN; the largest if several) and align it the way "
+        "the checkpoint's training crops were",
+    )
+    parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
     return parser
 
 
@@ -72,15 +89,6 @@ def check_args(args) -> None:
         raise InputError(f"--threshold must be a finite number, got {args.threshold}")
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
-
-
-def decision_threshold(args, stored: float | None) -> float:
-    """--threshold if given, else the checkpoint's stored best_distance_threshold."""
-    if args.threshold is not None:
-        return args.threshold
-    if stored is None:
-        raise InputError(f"{args.model_path} stores no best_distance_threshold; pass --threshold")
-    return stored
 
 
 def verdict(pair_distance: float, threshold: float) -> bool:
@@ -143,9 +151,9 @@ def run(args) -> None:
     if args.pairs_csv is None:
         check_images_exist(args.images)
     device = resolve_device(args.device)
-    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size)
-    threshold = decision_threshold(args, loaded.best_distance_threshold)
-    embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size)
+    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
+    threshold = decision_threshold(args.threshold, loaded.best_distance_threshold, args.model_path)
+    embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size, align=args.align)
 
     if args.pairs_csv is None:
         pair_distance = embedder.distance(*args.images)

@@ -5,15 +5,34 @@
     a, b = embedder.embed(["alice_1.jpg", "alice_2.jpg"])
     distance(a, b) < embedder.loaded.best_distance_threshold  # True: the same person
 
-`load_checkpoint` reads three layouts, told apart by their state-dict keys (no flag needed):
+`load_checkpoint` reads four layouts, told apart by their keys (no flag needed):
 
 - "this repository": written by train_triplet.py / train_center.py (``format_version`` 1). It stores the
-  image size and normalisation it was trained with, so embedding uses exactly the training preprocessing.
+  image size and normalisation it was trained with, so embedding uses exactly the training preprocessing,
+  and may store the face alignment its training crops had (``alignment``, below).
 - "original-2020": tamerthamoqa/facenet-pytorch-vggface2 checkpoints from 2020 on, same model layout
-  (head ``Linear, BatchNorm1d, ReLU, Linear``) but no preprocessing info: 224 px and mean = std = 0.5.
+  (head ``Linear, BatchNorm1d, ReLU, Linear``) but no preprocessing info. Its 2020 models were trained at
+  224 px with mean = std = 0.5 (preset "original-2020", the default); its 2021 models have the same keys
+  but were trained at 140 px with the VGGFace2 mean and std: load those with ``preprocess="original-2021"``.
 - "original-2019": that repository's first published model (``model_resnet34_triplet.pt``, 91% on LFW),
   a ResNet with a single ``Linear`` head whose embeddings are scaled to norm 10. Its stored distance
   threshold lives on that scale, so `LegacyResnetTriplet` keeps the scale and distances stay comparable.
+- "facenet-pytorch": a plain ``InceptionResnetV1`` state dict as facenet-pytorch publishes and saves it
+  (e.g. ``20180402-114759-vggface2.pt``), loaded as our ``inception_resnet_v1`` (its ``logits`` layer over
+  its training identities is dropped) with its preprocessing, 160 px and ``(x - 127.5) / 128``. It stores no
+  distance threshold.
+
+Preprocessing (`PREPROCESS_PRESETS`, ``preprocess=``): what a checkpoint of this repository stores always
+wins, since it is what the model was trained with; a preset given for such a checkpoint that differs is
+ignored with a one-line warning. For the other layouts, which store none, the preset given is used, else the
+layout's own ("original-2020" for both original layouts, "facenet-pytorch" for that one). ``image_size``
+overrides the size last.
+
+Face alignment (``FaceEmbedder(align=True)``): photos are detected and aligned with the MTCNN pipeline of
+datasets/align_dataset.py, into the crop geometry the checkpoint's ``alignment`` entry names
+(``{"template": "none" | "arcface112", "image_size": int, "margin": int}``, the settings of
+align_dataset.py). Without one the default is the square crop at the model's input size with the seed's
+margin scaled to it: template "none", margin ``round(32 * image_size / 160)`` (160 px -> 32).
 
 Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint is data, and unpickling
 arbitrary objects from a downloaded file can run arbitrary code. The original stored its threshold as a
@@ -26,6 +45,8 @@ The file I/O lives here and not in ``models/``, which stays importable without t
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import warnings
@@ -37,24 +58,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
-from datasets.image_files import load_image
-from datasets.transforms import FACE_MEAN, FACE_STD, eval_transform
+from datasets.face_alignment import TEMPLATES
+from datasets.image_files import DECODE_ERRORS
+from datasets.transforms import eval_transform
 from errors import InputError
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES, Preprocessing, build_model
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "LAYOUT_THIS_REPOSITORY",
     "LAYOUT_ORIGINAL_2020",
     "LAYOUT_ORIGINAL_2019",
+    "LAYOUT_FACENET_PYTORCH",
+    "PREPROCESS_PRESETS",
     "SAFE_NUMPY_GLOBALS",
+    "Alignment",
     "LegacyResnetTriplet",
     "LoadedModel",
     "FaceEmbedder",
+    "default_alignment",
     "load_checkpoint",
+    "load_for_training",
+    "preset_help",
     "read_checkpoint",
     "detect_layout",
     "embed_images",
@@ -66,9 +94,56 @@ CHECKPOINT_FORMAT_VERSION = 1  # the newest `format_version` this loader underst
 LAYOUT_THIS_REPOSITORY = "this repository"
 LAYOUT_ORIGINAL_2020 = "original-2020"
 LAYOUT_ORIGINAL_2019 = "original-2019"
+LAYOUT_FACENET_PYTORCH = "facenet-pytorch"
 
-# the original repository trained and evaluated at 224 px with mean = std = 0.5 (see its train scripts)
-ORIGINAL_IMAGE_SIZE = 224
+# Preprocessing of checkpoints that do not store theirs. The original repository trained and evaluated at
+# 224 px with mean = std = 0.5 until 2020, and at 140 px with the mean and std of VGGFace2 in 2021 (see its
+# train scripts of each year); facenet-pytorch's models take 160 px and (x - 127.5) / 128.
+PREPROCESS_PRESETS: dict[str, Preprocessing] = {
+    "original-2020": Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "original-2021": Preprocessing(140, (0.6071, 0.4609, 0.3944), (0.2457, 0.2175, 0.2129)),
+    "facenet-pytorch": Preprocessing(160, (127.5 / 255,) * 3, (128 / 255,) * 3),
+}
+
+
+def preset_help() -> str:
+    """The presets in one line, for the --preprocess flag of the commands."""
+    described = "; ".join(
+        f"{name}: {size} px, mean {_slashed(mean)}, std {_slashed(std)}"
+        for name, (size, mean, std) in PREPROCESS_PRESETS.items()
+    )
+    return (
+        f"input size and normalisation of a checkpoint that stores none: {described} (default: its "
+        "layout's own; a checkpoint of this repository always uses what it stores)"
+    )
+
+
+def _slashed(values) -> str:
+    return "/".join(f"{value:.4g}" for value in values)
+
+
+_LAYOUT_PRESET = {
+    LAYOUT_ORIGINAL_2020: "original-2020",
+    LAYOUT_ORIGINAL_2019: "original-2020",
+    LAYOUT_FACENET_PYTORCH: "facenet-pytorch",
+}
+
+# what a checkpoint of facenet-pytorch's InceptionResnetV1 holds at the top level, and its class's logits
+_FACENET_KEYS = (
+    "conv2d_1a.conv.weight",
+    "conv2d_4b.conv.weight",
+    "last_linear.weight",
+    "last_bn.running_mean",
+)
+# a key only Inception-ResNet-v1 has (the v2 models, timm's and the original's, have no conv2d_4b)
+_INCEPTION_RESNET_V1_KEY = "model.conv2d_4b.conv.weight"
+
+# face detection settings of FaceEmbedder(align=True): the defaults of datasets/align_dataset.py
+MIN_FACE_PROB = 0.9
+MIN_FACE_SIZE = 20  # pixels of the detection view; larger is faster when faces are known to be large
+DETECTION_MAX_SIDE = 640
+
+logger = logging.getLogger(__name__)
 
 # What pickling one numpy.float64 refers to: the scalar reconstructor, numpy.dtype (called with "f8"), and
 # the dtype's own class, which the unpickler must be allowed to restore state into. numpy 2 moved the
@@ -118,9 +193,30 @@ class LegacyResnetTriplet(nn.Module):
         return self.distance_scale * F.normalize(self.model(images).float(), p=2, dim=1)
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """How raw photos are turned into the crops a model was trained on (datasets/align_dataset.py's flags)."""
+
+    template: str  # "none": square crop around the face box plus margin; "arcface112": landmark warp
+    image_size: int  # side of the crop in pixels (the model's transform resizes it to its input size)
+    margin: int  # output pixels around the face box ("none" only; 0 for "arcface112")
+
+    def as_dict(self) -> dict:
+        """The checkpoint's ``alignment`` entry."""
+        return {"template": self.template, "image_size": self.image_size, "margin": self.margin}
+
+
+def default_alignment(image_size: int) -> Alignment:
+    """The crop assumed for a checkpoint that names none: square, the seed's 32 px margin at 160 px, scaled."""
+    return Alignment("none", int(image_size), round(32 * image_size / 160))
+
+
 @dataclass
 class LoadedModel:
-    """A model ready to embed (eval mode, on its device) and everything needed to feed and judge it."""
+    """A model ready to embed (eval mode, on its device) and everything needed to feed and judge it.
+
+    `load_for_training` returns one in training mode on the CPU instead, to fine-tune.
+    """
 
     model: nn.Module
     architecture: str
@@ -134,6 +230,16 @@ class LoadedModel:
     epoch: int | None = None
     num_classes: int | None = None
     path: str | None = None
+    alignment: Alignment | None = None  # None: default_alignment(image_size)
+    preprocess: str | None = None  # the preset used, None when the checkpoint stores its preprocessing
+
+    def __post_init__(self):
+        if self.alignment is None:
+            self.alignment = default_alignment(self.image_size)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))
 
     def transform(self):
         """The preprocessing this model was trained with: PIL image in, normalised tensor out."""
@@ -152,6 +258,8 @@ class LoadedModel:
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "preprocess": self.preprocess,
+            "alignment": self.alignment.as_dict(),
             "distance_scale": self.distance_scale,
         }
 
@@ -199,7 +307,9 @@ def _load_error_reason(error: Exception) -> str:
 
 
 def detect_layout(checkpoint: Mapping, path="checkpoint") -> str:
-    """Which of the three layouts `checkpoint` is, from its keys; InputError if none."""
+    """Which of the four layouts `checkpoint` is, from its keys; InputError if none."""
+    if "model_state_dict" not in checkpoint and all(key in checkpoint for key in _FACENET_KEYS):
+        return LAYOUT_FACENET_PYTORCH
     state = checkpoint.get("model_state_dict")
     if not isinstance(state, Mapping) or not state:
         keys = ", ".join(sorted(map(str, checkpoint))[:8]) or "none"
@@ -208,6 +318,13 @@ def detect_layout(checkpoint: Mapping, path="checkpoint") -> str:
         return LAYOUT_ORIGINAL_2019
     if any(f"model.{head}.0.weight" in state for head in ("fc", "classif")):
         return LAYOUT_THIS_REPOSITORY if "format_version" in checkpoint else LAYOUT_ORIGINAL_2020
+    if _INCEPTION_RESNET_V1_KEY in state:
+        if "format_version" not in checkpoint:
+            raise InputError(
+                f"{path}: an Inception-ResNet-v1 model_state_dict without format_version is no layout known "
+                "here (facenet-pytorch's own files are a plain state dict, without model_state_dict)"
+            )
+        return LAYOUT_THIS_REPOSITORY
     if any(key.startswith("model.last_linear.") for key in state):
         # the original's Inception-ResNet-v2 heads (a Linear, or Linear + BatchNorm1d) differ from ours
         raise InputError(
@@ -218,50 +335,115 @@ def detect_layout(checkpoint: Mapping, path="checkpoint") -> str:
     )
 
 
-def load_checkpoint(path, device="cpu", image_size: int | None = None) -> LoadedModel:
+def load_checkpoint(
+    path, device="cpu", image_size: int | None = None, preprocess: str | None = None
+) -> LoadedModel:
     """Rebuild the model stored at `path` in eval mode on `device`, with its preprocessing and threshold.
 
-    `image_size` overrides the size stored in (or assumed for) the checkpoint.
+    `preprocess` names a `PREPROCESS_PRESETS` entry for checkpoints that store no preprocessing (see the
+    module docstring for which wins); `image_size` overrides the size stored, preset or assumed.
     """
+    loaded = _load(path, preprocess, image_size, num_classes=None, keep_classifier=True)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def load_for_training(path, num_classes: int | None = None, preprocess: str | None = None) -> LoadedModel:
+    """The checkpoint's model to fine-tune from (``--init_from``): a registry model in training mode on the CPU.
+
+    The `LoadedModel` carries what training needs to continue in the same way: ``architecture``,
+    ``embedding_dim``, ``image_size``, ``mean``, ``std`` and ``alignment`` (crop the new training photos
+    like that). Its model is an ``EmbeddingModel`` of ``build_model(architecture, embedding_dim,
+    num_classes)`` with every parameter trainable; with ``num_classes`` a new, randomly initialised
+    classifier of that size replaces any stored one (the stored one classifies the old identities), and
+    without it none is kept. The 2019 layout (a different head, embeddings scaled by 10) cannot be fine-tuned
+    here: InputError.
+    """
+    return _load(path, preprocess, None, num_classes=num_classes, keep_classifier=False)
+
+
+def _load(
+    path, preprocess: str | None, image_size: int | None, num_classes: int | None, keep_classifier: bool
+) -> LoadedModel:
+    """The checkpoint at `path` as a LoadedModel on the CPU, in training mode."""
+    if preprocess is not None and preprocess not in PREPROCESS_PRESETS:
+        raise InputError(
+            f"unknown preprocessing preset {preprocess!r}; choose one of {', '.join(PREPROCESS_PRESETS)}"
+        )
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+        raise InputError(f"image_size must be a positive integer, got {image_size!r}")
     checkpoint = read_checkpoint(path)
     layout = detect_layout(checkpoint, path)
-    state = dict(checkpoint["model_state_dict"])
+    if layout == LAYOUT_FACENET_PYTORCH:
+        # its logits classify facenet-pytorch's own training identities: not part of the embedding
+        state = {f"model.{key}": value for key, value in checkpoint.items() if not key.startswith("logits.")}
+    else:
+        state = dict(checkpoint["model_state_dict"])
     if layout == LAYOUT_THIS_REPOSITORY:
         _check_format_version(checkpoint, path)
+    if layout == LAYOUT_ORIGINAL_2019 and not keep_classifier:
+        raise InputError(
+            f"{path}: the original's 2019 models (one Linear head, embeddings scaled by 10) cannot be "
+            "fine-tuned here; start from a 2020-or-later checkpoint"
+        )
     architecture = _architecture(checkpoint, state, layout, path)
     embedding_dim = _embedding_dim(state, layout, architecture)
-    num_classes = (
+    stored_classes = (
         int(state["model.classifier.weight"].shape[0]) if "model.classifier.weight" in state else None
     )
+    if not keep_classifier:
+        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
+    else:
+        num_classes = stored_classes
 
     if layout == LAYOUT_ORIGINAL_2019:
         model = LegacyResnetTriplet(int(architecture.removeprefix("resnet")), embedding_dim)
         # the 2019 center-loss models' classifier plays no part in embedding
         state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
+        num_classes = None
     else:
         model = build_model(architecture, embedding_dim, num_classes)
+    # a new classifier (fine-tuning on other identities) is the only part allowed to be missing
+    missing_allowed = set() if keep_classifier else {"model.classifier.weight", "model.classifier.bias"}
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise InputError(f"{path}: its weights do not fit a {architecture} model ({reason})") from None
-    model.to(device).eval()
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise InputError(
+            f"{path}: its weights do not fit a {architecture} model ({_first_reason(error)})"
+        ) from None
+    missing = [key for key in result.missing_keys if key not in missing_allowed]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+        count = len(missing) + len(result.unexpected_keys)
+        raise InputError(
+            f"{path}: its weights do not fit a {architecture} model ({what}"
+            + (f" and {count - 1} more keys)" if count > 1 else ")")
+        )
 
-    image_size_used, mean, std = _preprocessing(checkpoint, layout, path)
+    preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
+    if image_size is not None:
+        preprocessing = preprocessing._replace(image_size=int(image_size))
     return LoadedModel(
         model=model,
         architecture=architecture,
         embedding_dim=embedding_dim,
         best_distance_threshold=_optional_float(checkpoint.get("best_distance_threshold")),
-        image_size=int(image_size) if image_size is not None else image_size_used,
-        mean=mean,
-        std=std,
+        image_size=preprocessing.image_size,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
         layout=layout,
         distance_scale=float(getattr(model, "distance_scale", 1.0)),
         epoch=_optional_int(checkpoint.get("epoch")),
         num_classes=num_classes,
         path=str(path),
+        alignment=_alignment(checkpoint, path, preprocessing.image_size),
+        preprocess=preset_used,
     )
+
+
+def _first_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
 
 
 def _check_format_version(checkpoint: Mapping, path) -> None:
@@ -275,6 +457,8 @@ def _check_format_version(checkpoint: Mapping, path) -> None:
 
 def _architecture(checkpoint: Mapping, state: Mapping, layout: str, path) -> str:
     """The registry name of the stored model: its `model_architecture`, or inferred from a ResNet's keys."""
+    if layout == LAYOUT_FACENET_PYTORCH:
+        return "inception_resnet_v1"
     name = checkpoint.get("model_architecture")
     if name is None:
         depth = resnet_depth_from_keys(state)
@@ -307,17 +491,22 @@ def _embedding_dim(state: Mapping, layout: str, architecture: str) -> int:
     """The output size of the embedding head's last Linear layer."""
     if layout == LAYOUT_ORIGINAL_2019:
         return int(state["model.fc.weight"].shape[0])
-    head = "classif" if architecture == "inceptionresnetv2" else "fc"
-    key = f"model.{head}.3.weight"
+    if architecture == "inception_resnet_v1":
+        key = "model.last_linear.weight"
+    else:
+        key = f"model.{'classif' if architecture == 'inceptionresnetv2' else 'fc'}.3.weight"
     if key not in state:
         raise InputError(f"a {architecture} checkpoint needs {key} in its model_state_dict")
     return int(state[key].shape[0])
 
 
-def _preprocessing(checkpoint: Mapping, layout: str, path) -> tuple[int, tuple, tuple]:
-    """(image_size, mean, std) the model was trained with."""
+def _preprocessing(
+    checkpoint: Mapping, layout: str, path, preset: str | None
+) -> tuple[Preprocessing, str | None]:
+    """The preprocessing the model was trained with, and the name of the preset it came from (or None)."""
     if layout != LAYOUT_THIS_REPOSITORY:
-        return ORIGINAL_IMAGE_SIZE, tuple(FACE_MEAN), tuple(FACE_STD)
+        name = preset or _LAYOUT_PRESET[layout]
+        return PREPROCESS_PRESETS[name], name
     try:
         image_size = int(checkpoint["image_size"])
         mean = tuple(float(v) for v in checkpoint["normalization"]["mean"])
@@ -326,7 +515,48 @@ def _preprocessing(checkpoint: Mapping, layout: str, path) -> tuple[int, tuple, 
         raise InputError(f"{path}: image_size/normalization missing or malformed ({error!r})") from None
     if len(mean) != 3 or len(std) != 3 or image_size < 1 or min(std) <= 0:
         raise InputError(f"{path}: bad image_size {image_size} or normalization mean={mean} std={std}")
-    return image_size, mean, std
+    stored = Preprocessing(image_size, mean, std)
+    if preset is not None and not _same_preprocessing(PREPROCESS_PRESETS[preset], stored):
+        logger.warning(
+            "%s stores the preprocessing it was trained with (%d px, mean %s, std %s); ignoring preset %s",
+            path,
+            image_size,
+            _rounded(mean),
+            _rounded(std),
+            preset,
+        )
+    return stored, None
+
+
+def _same_preprocessing(first: Preprocessing, second: Preprocessing) -> bool:
+    return first.image_size == second.image_size and all(
+        math.isclose(a, b, abs_tol=1e-6)
+        for a, b in zip(first.mean + first.std, second.mean + second.std, strict=True)
+    )
+
+
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
+
+
+def _alignment(checkpoint: Mapping, path, image_size: int) -> Alignment:
+    """The checkpoint's ``alignment`` entry, checked, or the default crop for its input size."""
+    entry = checkpoint.get("alignment")
+    if entry is None:
+        return default_alignment(image_size)
+    try:
+        alignment = Alignment(str(entry["template"]), int(entry["image_size"]), int(entry["margin"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(
+            f"{path}: alignment entry malformed ({error!r}); expected template, image_size, margin"
+        ) from None
+    if alignment.template not in TEMPLATES or alignment.image_size < 1:
+        raise InputError(f"{path}: bad alignment {entry!r} (templates: {', '.join(TEMPLATES)})")
+    if not 0 <= alignment.margin < alignment.image_size or (
+        alignment.template != "none" and alignment.margin
+    ):
+        raise InputError(f"{path}: bad alignment margin in {entry!r}")
+    return alignment
 
 
 def _optional_float(value) -> float | None:
@@ -352,6 +582,16 @@ def embed_images(model: nn.Module, images: torch.Tensor, flip: bool = False) -> 
     return scale * F.normalize(original + mirrored, p=2, dim=1)
 
 
+def decision_threshold(threshold: float | None, stored: float | None, model_path) -> float:
+    """The distance below which two faces are the same person: ``threshold`` when given, else the one the
+    checkpoint stored (its best LFW threshold); an InputError when there is neither."""
+    if threshold is not None:
+        return threshold
+    if stored is None:
+        raise InputError(f"{model_path} stores no best_distance_threshold; pass --threshold")
+    return stored
+
+
 def distance(embedding1, embedding2):
     """Euclidean distance: a float for two vectors, a float64 numpy array for two (N, D) batches."""
     first = torch.as_tensor(np.asarray(_to_numpy(embedding1), dtype=np.float64))
@@ -374,8 +614,14 @@ ImageLike = Image.Image | str | os.PathLike
 class FaceEmbedder:
     """Embeds face photos with a loaded checkpoint and the preprocessing it was trained with.
 
-    The photos should be face crops aligned the way the training data was (datasets/align_dataset.py makes
-    them); the embedder resizes and normalises them, it does not detect faces.
+    Without ``align`` the photos must be face crops aligned the way the training data was
+    (datasets/align_dataset.py makes them); the embedder only resizes and normalises them. With ``align``
+    they may be any photos: each is searched for faces with MTCNN (datasets/mtcnn.py, the detector of
+    align_dataset.py with its settings) and the face is cropped into the checkpoint's alignment geometry
+    (``loaded.alignment``, or ``alignment`` given here) before embedding. A photo with no face is an
+    InputError naming it; with several, the one with the largest box area is embedded and a one-line warning
+    names the photo and the count. (align_dataset.py's `select_face` also weighs how central a face is, which
+    suits a dataset of portraits; here the largest box is the rule, simple to predict on any photo.)
     """
 
     def __init__(
@@ -386,63 +632,172 @@ class FaceEmbedder:
         batch_size: int = 64,
         amp_dtype: torch.dtype | None = None,
         image_size: int | None = None,
+        preprocess: str | None = None,
+        align: bool = False,
+        alignment: Alignment | None = None,
+        min_face_size: int | None = None,
     ):
         if isinstance(model, LoadedModel):
+            if preprocess is not None:
+                raise InputError("preprocess goes with a checkpoint path; this model is loaded already")
             self.loaded = model if image_size is None else replace(model, image_size=image_size)
             if device is not None:
                 self.loaded.model.to(device)
         else:
-            self.loaded = load_checkpoint(model, device or "cpu", image_size=image_size)
+            self.loaded = load_checkpoint(
+                model, device or "cpu", image_size=image_size, preprocess=preprocess
+            )
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        self.device = next(self.loaded.model.parameters()).device
+        self.device = _module_device(self.loaded.model)
         self.flip = flip
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
         self.transform = self.loaded.transform()
+        self.align = align
+        self.alignment = alignment or self.loaded.alignment
+        self.min_face_size = MIN_FACE_SIZE if min_face_size is None else min_face_size
+        self._detector = None
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> FaceEmbedder:
         return cls(path, device=device, **kwargs)
 
     def embed(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
-        """(N, embedding_dim) float32 embeddings on the CPU, one row per image (PIL image or file path)."""
+        """(N, embedding_dim) float32 embeddings on the CPU, one row per image (PIL image or file path).
+
+        An image that cannot be read, or (with ``align``) shows no face, is an InputError naming it.
+        """
+        embeddings, errors = self.try_embed(images)
+        for error in errors:
+            if error is not None:
+                raise InputError(error)
+        return embeddings
+
+    def try_embed(self, images: ImageLike | Iterable[ImageLike]) -> tuple[torch.Tensor, list[str | None]]:
+        """Like `embed`, but a failed image gives a row of NaN and its one-line reason instead of an error.
+
+        Returns the (N, embedding_dim) embeddings and, per image, None or why it has no embedding.
+        """
         if isinstance(images, (Image.Image, str, os.PathLike)):
             images = [images]
         images = list(images)
-        if not images:
-            return torch.empty(0, self.loaded.embedding_dim)
-        rows = []
+        embeddings = torch.full((len(images), self.loaded.embedding_dim), float("nan"))
+        errors: list[str | None] = [None] * len(images)
         model = self.loaded.model
         model.eval()
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
-        ):
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.stack(
-                    [self._preprocess(image) for image in images[start : start + self.batch_size]]
-                )
-                batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-                rows.append(embed_images(model, batch, self.flip).cpu())
-        return torch.cat(rows)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            tensors, rows = [], []
+            for offset, face in enumerate(self._faces(chunk, start)):
+                if isinstance(face, str):
+                    errors[start + offset] = face
+                else:
+                    tensors.append(self.transform(face))
+                    rows.append(start + offset)
+            if not tensors:
+                continue
+            batch = torch.stack(tensors).to(self.device).contiguous(memory_format=torch.channels_last)
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+            ):
+                embeddings[rows] = embed_images(model, batch, self.flip).cpu()
+        return embeddings, errors
 
     def distance(self, image1: ImageLike, image2: ImageLike) -> float:
         """Distance between the faces in two photos, on the scale of the checkpoint's threshold."""
         first, second = self.embed([image1, image2])
         return distance(first, second)
 
-    def _preprocess(self, image: ImageLike) -> torch.Tensor:
-        if not isinstance(image, Image.Image):
-            image = _read_image(image)
-        return self.transform(image.convert("RGB"))
+    def aligned_faces(self, images: Iterable[ImageLike]) -> list[Image.Image]:
+        """The aligned face crop of each photo (detected as with ``align=True``); InputError if one has none."""
+        images = list(images)
+        faces = self._detect_and_align(images, 0)
+        for face in faces:
+            if isinstance(face, str):
+                raise InputError(face)
+        return faces
+
+    def _faces(self, images: Sequence[ImageLike], first_index: int) -> list[Image.Image | str]:
+        """What gets embedded for each image (the RGB image, or its aligned face), or why there is none."""
+        if self.align:
+            return self._detect_and_align(images, first_index)
+        faces = []
+        for image in images:
+            try:
+                faces.append(image.convert("RGB") if isinstance(image, Image.Image) else _read_image(image))
+            except InputError as error:
+                faces.append(str(error))
+        return faces
+
+    def _detect_and_align(self, images: Sequence[ImageLike], first_index: int) -> list[Image.Image | str]:
+        from datasets.face_alignment import align_face
+        from datasets.mtcnn import FaceDetector, detection_view, to_photo_coordinates
+
+        if self._detector is None:
+            self._detector = FaceDetector(device=self.device, min_face_size=self.min_face_size)
+        results: list[Image.Image | str] = []
+        photos, views, shrinks, names, slots = [], [], [], [], []
+        for index, image in enumerate(images):
+            name = _image_name(image, first_index + index)
+            try:
+                photo = image.convert("RGB") if isinstance(image, Image.Image) else _read_photo(image)
+            except InputError as error:
+                results.append(str(error))
+                continue
+            view, shrink = detection_view(photo, DETECTION_MAX_SIDE)
+            photos.append(photo)
+            views.append(view)
+            shrinks.append(shrink)
+            names.append(name)
+            slots.append(len(results))
+            results.append("")
+        for photo, faces, shrink, name, slot in zip(
+            photos, self._detector.detect(views), shrinks, names, slots, strict=True
+        ):
+            faces = [face for face in faces if face.prob >= MIN_FACE_PROB]
+            if not faces:
+                results[slot] = f"no face found in {name}"
+                continue
+            largest = max(faces, key=_box_area)
+            if len(faces) > 1:
+                logger.warning("%s: %d faces found; using the largest", name, len(faces))
+            face = to_photo_coordinates(largest, shrink)
+            alignment = self.alignment
+            results[slot] = align_face(
+                photo, face, alignment.template, alignment.image_size, alignment.margin
+            )
+        return results
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a module's tensors are (its parameters, else its buffers; the CPU for a module with neither)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _box_area(face) -> float:
+    x1, y1, x2, y2 = (float(value) for value in face.box)
+    return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
+
+
+def _image_name(image: ImageLike, index: int) -> str:
+    return f"image {index}" if isinstance(image, Image.Image) else str(image)
 
 
 def _read_image(path) -> Image.Image:
     """The RGB image at `path`, or an InputError naming the file (missing, not an image, truncated)."""
+    return _read_photo(path, upright=False)
+
+
+def _read_photo(path, upright: bool = True) -> Image.Image:
+    """The RGB image at `path`, turned upright by its EXIF orientation when `upright` (raw camera photos)."""
     try:
-        return load_image(path)
+        with Image.open(path) as image:
+            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise InputError(f"could not read image {path}: {error}") from None

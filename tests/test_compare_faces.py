@@ -167,3 +167,61 @@ def test_runs_as_a_script(files):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: ") and "--threshold" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+LFW_112 = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_112"
+
+
+@pytest.mark.skipif(not LFW_112.is_dir(), reason="needs ../shared/data/lfw_112")
+def test_align_compares_the_faces_in_raw_photos(files, tmp_path, capsys, monkeypatch):
+    import inference
+    from tests.test_identify import compose_photo
+
+    monkeypatch.setattr(inference, "MIN_FACE_SIZE", 60)  # the pasted faces are 168-224 px
+    rng = np.random.default_rng(3)
+    crops = sorted((LFW_112 / "Tony_Blair").iterdir())[:2]
+    photos = []
+    for index, crop in enumerate(crops):
+        photos.append(tmp_path / f"photo_{index}.jpg")
+        compose_photo(Image.open(crop).convert("RGB"), rng).save(photos[-1], quality=95)
+    model = files / "model.pt"
+    status, out, err = run_main(capsys, ["--model_path", str(model), "--align", *map(str, photos)])
+    assert status == 0, err
+    match = LINE.match(out.strip())
+    # the distance of the two aligned faces, not of the two whole photos
+    embedder = FaceEmbedder(model, align=True)
+    faces = embedder.aligned_faces(photos)
+    assert [face.size for face in faces] == [(32, 32)] * 2  # the default alignment at the model's 32 px
+    expected = FaceEmbedder(model).distance(*faces)
+    assert float(match.group(1)) == pytest.approx(expected, abs=1e-4)
+    assert abs(expected - FaceEmbedder(model).distance(*photos)) > 1e-3
+
+    blank = tmp_path / "wall.png"
+    Image.fromarray(np.full((200, 300, 3), 128, np.uint8)).save(blank)
+    status, out, err = run_main(capsys, ["--model_path", str(model), "--align", str(photos[0]), str(blank)])
+    assert status == 2 and out == "" and err == f"error: no face found in {blank}\n"
+
+
+def test_preprocess_preset_for_checkpoints_without_their_own(files, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = build_model("resnet18", embedding_dim=16)
+    path = tmp_path / "original_2021.pt"  # the 2020 keys: no format_version, no preprocessing
+    torch.save(
+        {
+            "model_state_dict": model.state_dict(),
+            "model_architecture": "resnet18",
+            "best_distance_threshold": 1.0,
+        },
+        path,
+    )
+    photos = files / "photos"
+    argv = ["--model_path", str(path), str(photos / "a.png"), str(photos / "b.png")]
+    status, out, _ = run_main(capsys, argv + ["--preprocess", "original-2021"])
+    expected = FaceEmbedder(path, preprocess="original-2021").distance(photos / "a.png", photos / "b.png")
+    assert status == 0 and float(LINE.match(out.strip()).group(1)) == pytest.approx(expected, abs=1e-4)
+    status, out, _ = run_main(capsys, argv)
+    assert float(LINE.match(out.strip()).group(1)) != pytest.approx(expected, abs=1e-4)
+    help_text = compare_faces.get_args_parser().format_help()
+    assert "--align" in help_text and all(
+        name in help_text for name in ("original-2020", "original-2021", "facenet-pytorch")
+    )

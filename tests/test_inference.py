@@ -427,3 +427,147 @@ def test_resnet_depth_from_keys_matches_torchvision():
         state = {f"model.{key}": value for key, value in net.state_dict().items()}
         assert inference.resnet_depth_from_keys(state) == depth
     assert inference.resnet_depth_from_keys({"model.fc.weight": torch.zeros(1)}) is None
+
+
+# ------------------------------------------------------------------------------------------ facenet-pytorch, presets
+
+
+def test_facenet_pytorch_state_dict_loads_with_its_preprocessing(tmp_path):
+    from facenet_pytorch import InceptionResnetV1, fixed_image_standardization
+
+    torch.manual_seed(10)
+    # as facenet-pytorch saves its published files: a plain state dict, logits over its training identities
+    facenet = randomize_batch_norm(InceptionResnetV1(classify=True, num_classes=7), seed=10).eval()
+    path = tmp_path / "20180402-114759-vggface2.pt"
+    torch.save(facenet.state_dict(), path)
+
+    loaded = load_checkpoint(path)
+    assert loaded.layout == inference.LAYOUT_FACENET_PYTORCH == "facenet-pytorch"
+    assert (loaded.architecture, loaded.embedding_dim, loaded.num_classes) == (
+        "inception_resnet_v1",
+        512,
+        None,
+    )
+    assert (loaded.image_size, loaded.preprocess, loaded.best_distance_threshold) == (
+        160,
+        "facenet-pytorch",
+        None,
+    )
+    assert loaded.alignment == inference.Alignment("none", 160, 32)
+
+    images = random_images(2, 160, seed=11)
+    pixels = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1).float() for i in images])
+    facenet.classify = False  # its embedding: what facenet-pytorch users get from model(x)
+    with torch.no_grad():
+        expected = facenet(fixed_image_standardization(pixels))
+    torch.testing.assert_close(FaceEmbedder(loaded).embed(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_original_2021_preset(tmp_path):
+    net = reference_resnet(18, "sequential", seed=12)
+    path = tmp_path / "model_resnet18_triplet_epoch_3.pt"
+    torch.save(original_2020_checkpoint(net), path)
+    mean, std = (0.6071, 0.4609, 0.3944), (0.2457, 0.2175, 0.2129)
+
+    loaded = load_checkpoint(path, preprocess="original-2021")
+    assert loaded.layout == LAYOUT_ORIGINAL_2020 and loaded.preprocess == "original-2021"
+    assert (loaded.image_size, loaded.mean, loaded.std) == (140, mean, std)
+    assert loaded.alignment == inference.Alignment("none", 140, 28)
+    images = random_images(2, 140, seed=13)
+    expected = reference_embedding(
+        net, torch.stack([preprocess_reference(i, mean, std) for i in images]), "sequential"
+    )
+    torch.testing.assert_close(
+        FaceEmbedder(path, preprocess="original-2021").embed(images), expected, atol=2e-5, rtol=1e-4
+    )
+    # without a preset the 2020 preprocessing, and image_size still overrides a preset's size
+    assert load_checkpoint(path).preprocess == "original-2020"
+    assert load_checkpoint(path, image_size=112, preprocess="original-2021").image_size == 112
+    with pytest.raises(
+        InputError, match="unknown preprocessing preset 'original-2022'; choose one of original-2020"
+    ):
+        load_checkpoint(path, preprocess="original-2022")
+
+
+def test_stored_preprocessing_wins_over_a_preset(tmp_path, caplog):
+    net = reference_resnet(18, "sequential", seed=14)
+    path = tmp_path / "ours.pt"
+    torch.save(this_repository_checkpoint(net, image_size=40), path)
+    with caplog.at_level("WARNING", logger="inference"):
+        loaded = load_checkpoint(path, preprocess="original-2021")
+    assert (loaded.image_size, loaded.mean, loaded.std, loaded.preprocess) == (
+        40,
+        THIS_REPO_MEAN,
+        THIS_REPO_STD,
+        None,
+    )
+    assert len(caplog.records) == 1 and "ignoring preset original-2021" in caplog.text
+    assert "\n" not in caplog.records[0].getMessage()
+
+    same = tmp_path / "same.pt"
+    torch.save(
+        {**this_repository_checkpoint(net, 224), "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}, same
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inference"):
+        load_checkpoint(same, preprocess="original-2020")
+    assert caplog.records == []
+
+
+def test_alignment_entry_and_its_default(tmp_path):
+    net = reference_resnet(18, "sequential", seed=15)
+    checkpoint = this_repository_checkpoint(net, image_size=64)
+    path = tmp_path / "default.pt"
+    torch.save(checkpoint, path)
+    assert load_checkpoint(path).alignment == inference.Alignment("none", 64, 13)  # round(32 * 64 / 160)
+    entry = {"template": "arcface112", "image_size": 112, "margin": 0}
+    torch.save({**checkpoint, "alignment": entry}, path)
+    loaded = load_checkpoint(path)
+    assert (
+        loaded.alignment == inference.Alignment("arcface112", 112, 0) and loaded.info()["alignment"] == entry
+    )
+    assert FaceEmbedder(loaded).alignment == loaded.alignment
+    bad = {
+        "malformed": {"template": "arcface112"},
+        "bad alignment": {"template": "dlib", "image_size": 112, "margin": 0},
+        "bad alignment margin": {"template": "none", "image_size": 64, "margin": 64},
+    }
+    for message, value in bad.items():
+        torch.save({**checkpoint, "alignment": value}, path)
+        with pytest.raises(InputError, match=message):
+            load_checkpoint(path)
+
+
+def test_load_for_training_gives_a_trainable_registry_model(tmp_path):
+    from models import ResNetEmbedding
+
+    net = reference_resnet(18, "sequential", num_classes=5, seed=16)
+    path = tmp_path / "center.pt"
+    entry = {"template": "arcface112", "image_size": 112, "margin": 0}
+    torch.save({**this_repository_checkpoint(net, image_size=48, num_classes=5), "alignment": entry}, path)
+
+    loaded = inference.load_for_training(path)
+    assert isinstance(loaded.model, ResNetEmbedding) and loaded.model.training
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.num_classes is None and not hasattr(
+        loaded.model.model, "classifier"
+    )  # old identities dropped
+    assert (loaded.architecture, loaded.embedding_dim, loaded.image_size) == ("resnet18", EMBEDDING_DIM, 48)
+    assert (loaded.mean, loaded.std, loaded.alignment.template) == (
+        THIS_REPO_MEAN,
+        THIS_REPO_STD,
+        "arcface112",
+    )
+    torch.testing.assert_close(loaded.model.model.fc[3].weight, net.fc[3].weight)
+
+    new = inference.load_for_training(path, num_classes=3)
+    assert new.num_classes == 3 and new.model.model.classifier.out_features == 3
+    torch.testing.assert_close(new.model.model.layer1[0].conv1.weight, net.layer1[0].conv1.weight)
+    embeddings, logits = new.model.forward_training(torch.randn(4, 3, 48, 48), logit_scale=2.0)
+    (logits.sum() + embeddings.sum()).backward()
+    assert new.model.model.conv1.weight.grad is not None
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(original_2019_checkpoint(reference_resnet(18, "linear"), "resnet18"), legacy)
+    with pytest.raises(InputError, match="cannot be fine-tuned"):
+        inference.load_for_training(legacy)

@@ -196,7 +196,8 @@ def test_help_explains_every_flag(capsys):
         "--lfw",
         "--lfw_pairs",
         "--resume_path",
-        "--pretrained, --no-pretrained",
+        "--pretrained [WEIGHTS]",
+        "--no-pretrained",
         "--triplet_selection",
         "--num_triplets_train",
         "--training_triplets_path",
@@ -326,3 +327,17 @@ def test_select_then_train_with_no_triplet_chosen_still_back_propagates_zero():
     loss.backward()  # every DDP rank must run a backward, chosen triplets or not
     assert count.item() == 0 and loss.item() == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in _gradients(model))
+
+
+def test_pretrained_weights_the_model_has_none_of_are_a_one_line_error(tiny_demo_data, tmp_path, capsys):
+    args = triplet_args(tiny_demo_data, tmp_path / "run", "--epochs", "1", "--pretrained", "vggface2")
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --pretrained vggface2: resnet18 has no 'vggface2' weights")
+        and err.count("\n") == 1
+    )
+    parser = train_triplet.get_args_parser()
+    for argv, expected in ((["--pretrained"], True), (["--pretrained", "casia-webface"], "casia-webface"),
+                           (["--no-pretrained"], False), ([], False)):  # fmt: skip
+        assert parse_args(parser, ["-d", "x", "--lfw", "y", *argv], {}).pretrained == expected

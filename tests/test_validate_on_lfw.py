@@ -170,6 +170,7 @@ def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsy
     def load_tiny(path, device="cpu", image_size=None):
         loaded = real_loader(path, device, image_size=image_size)
         loaded.model = tiny  # everything real but the (expensive) network: counting is what matters here
+        loaded.embedding_dim = tiny.linear.out_features
         return loaded
 
     monkeypatch.setattr(validate_on_LFW, "load_checkpoint", load_tiny)

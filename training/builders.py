@@ -43,7 +43,9 @@ def build_embedding_model(
         model = build_model(
             args.model, args.embedding_dim, num_classes=num_classes, pretrained=args.pretrained
         )
-    except RuntimeError as error:  # ImageNet weights that could not be downloaded
+    except ValueError as error:  # weights the model has none of, e.g. --pretrained vggface2 on a ResNet
+        raise InputError(f"--pretrained {args.pretrained}: {error}") from None
+    except RuntimeError as error:  # published weights that could not be downloaded
         raise InputError(f"--pretrained: {error}") from None
     return model.to(device, memory_format=torch.channels_last)
 

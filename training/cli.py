@@ -53,6 +53,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def pretrained_weights_name(text: str):
+    """argparse type of --pretrained WEIGHTS: True for imagenet (as the bare flag), else the name."""
+    name = text.strip().lower()
+    if name in ("imagenet", "true"):
+        return True
+    if name in ("false", "none"):
+        return False
+    return name
+
+
 def base_parser(description: str, default_output_name: str) -> argparse.ArgumentParser:
     """The parser both scripts start from: the original's flags and the additions listed in README.md."""
     parser = argparse.ArgumentParser(
@@ -122,9 +132,16 @@ def _add_model_arguments(model) -> None:
     model.add_argument("--embedding_dim", type=positive_int, default=128, help="size of the embedding")
     model.add_argument(
         "--pretrained",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const=True,
         default=False,
-        help="start from ImageNet weights (needs the network or a warm torch hub cache)",
+        type=pretrained_weights_name,
+        metavar="WEIGHTS",
+        help="start from published weights: alone or 'imagenet', ImageNet's (ResNets, inceptionresnetv2); "
+        "'vggface2' or 'casia-webface' for inception_resnet_v1 (facenet-pytorch's; its download and cache)",
+    )
+    model.add_argument(
+        "--no-pretrained", dest="pretrained", action="store_false", help="start from random weights"
     )
 
 
