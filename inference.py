@@ -366,36 +366,18 @@ def _load(
     path, preprocess: str | None, image_size: int | None, num_classes: int | None, keep_classifier: bool
 ) -> LoadedModel:
     """The checkpoint at `path` as a LoadedModel on the CPU, in training mode."""
-    if preprocess is not None and preprocess not in PREPROCESS_PRESETS:
-        raise InputError(
-            f"unknown preprocessing preset {preprocess!r}; choose one of {', '.join(PREPROCESS_PRESETS)}"
-        )
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
-        raise InputError(f"image_size must be a positive integer, got {image_size!r}")
+    _check_load_options(preprocess, image_size)
     checkpoint = read_checkpoint(path)
     layout = detect_layout(checkpoint, path)
-    if layout == LAYOUT_FACENET_PYTORCH:
-        # its logits classify facenet-pytorch's own training identities: not part of the embedding
-        state = {f"model.{key}": value for key, value in checkpoint.items() if not key.startswith("logits.")}
-    else:
-        state = dict(checkpoint["model_state_dict"])
-    if layout == LAYOUT_THIS_REPOSITORY:
-        _check_format_version(checkpoint, path)
-    if layout == LAYOUT_ORIGINAL_2019 and not keep_classifier:
-        raise InputError(
-            f"{path}: the original's 2019 models (one Linear head, embeddings scaled by 10) cannot be "
-            "fine-tuned here; start from a 2020-or-later checkpoint"
-        )
+    state = _model_state(checkpoint, layout, path, keep_classifier)
     architecture = _architecture(checkpoint, state, layout, path)
     embedding_dim = _embedding_dim(state, layout, architecture)
-    stored_classes = (
-        int(state["model.classifier.weight"].shape[0]) if "model.classifier.weight" in state else None
-    )
-    if not keep_classifier:
-        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
+    if keep_classifier:
+        num_classes = (
+            int(state["model.classifier.weight"].shape[0]) if "model.classifier.weight" in state else None
+        )
     else:
-        num_classes = stored_classes
-
+        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
     if layout == LAYOUT_ORIGINAL_2019:
         model = LegacyResnetTriplet(int(architecture.removeprefix("resnet")), embedding_dim)
         # the 2019 center-loss models' classifier plays no part in embedding
@@ -403,23 +385,7 @@ def _load(
         num_classes = None
     else:
         model = build_model(architecture, embedding_dim, num_classes)
-    # a new classifier (fine-tuning on other identities) is the only part allowed to be missing
-    missing_allowed = set() if keep_classifier else {"model.classifier.weight", "model.classifier.bias"}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that differ
-        raise InputError(
-            f"{path}: its weights do not fit a {architecture} model ({_first_reason(error)})"
-        ) from None
-    missing = [key for key in result.missing_keys if key not in missing_allowed]
-    if missing or result.unexpected_keys:
-        what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
-        count = len(missing) + len(result.unexpected_keys)
-        raise InputError(
-            f"{path}: its weights do not fit a {architecture} model ({what}"
-            + (f" and {count - 1} more keys)" if count > 1 else ")")
-        )
-
+    _load_weights(model, state, architecture, path, keep_classifier)
     preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
     if image_size is not None:
         preprocessing = preprocessing._replace(image_size=int(image_size))
@@ -439,6 +405,49 @@ def _load(
         alignment=_alignment(checkpoint, path, preprocessing.image_size),
         preprocess=preset_used,
     )
+
+
+def _check_load_options(preprocess: str | None, image_size: int | None) -> None:
+    if preprocess is not None and preprocess not in PREPROCESS_PRESETS:
+        raise InputError(
+            f"unknown preprocessing preset {preprocess!r}; choose one of {', '.join(PREPROCESS_PRESETS)}"
+        )
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+        raise InputError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _model_state(checkpoint: Mapping, layout: str, path, keep_classifier: bool) -> dict:
+    """The model's weights under our ``model.`` keys, checked to be of a layout this use can take."""
+    if layout == LAYOUT_FACENET_PYTORCH:
+        # its logits classify facenet-pytorch's own training identities: not part of the embedding
+        return {f"model.{key}": value for key, value in checkpoint.items() if not key.startswith("logits.")}
+    if layout == LAYOUT_THIS_REPOSITORY:
+        _check_format_version(checkpoint, path)
+    if layout == LAYOUT_ORIGINAL_2019 and not keep_classifier:
+        raise InputError(
+            f"{path}: the original's 2019 models (one Linear head, embeddings scaled by 10) cannot be "
+            "fine-tuned here; start from a 2020-or-later checkpoint"
+        )
+    return dict(checkpoint["model_state_dict"])
+
+
+def _load_weights(model: nn.Module, state: Mapping, architecture: str, path, keep_classifier: bool) -> None:
+    """Load ``state``; only a new classifier (fine-tuning on other identities) may be missing from it."""
+    missing_allowed = set() if keep_classifier else {"model.classifier.weight", "model.classifier.bias"}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ
+        raise InputError(
+            f"{path}: its weights do not fit a {architecture} model ({_first_reason(error)})"
+        ) from None
+    missing = [key for key in result.missing_keys if key not in missing_allowed]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+        count = len(missing) + len(result.unexpected_keys)
+        raise InputError(
+            f"{path}: its weights do not fit a {architecture} model ({what}"
+            + (f" and {count - 1} more keys)" if count > 1 else ")")
+        )
 
 
 def _first_reason(error: Exception) -> str:
