@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+import checkpoint_loading
 import inference
 from errors import InputError
 from inference import (
@@ -425,8 +426,8 @@ def test_resnet_depth_from_keys_matches_torchvision():
         with torch.device("meta"):  # shapes only: no time spent initialising 60M weights
             net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         state = {f"model.{key}": value for key, value in net.state_dict().items()}
-        assert inference.resnet_depth_from_keys(state) == depth
-    assert inference.resnet_depth_from_keys({"model.fc.weight": torch.zeros(1)}) is None
+        assert checkpoint_loading.resnet_depth_from_keys(state) == depth
+    assert checkpoint_loading.resnet_depth_from_keys({"model.fc.weight": torch.zeros(1)}) is None
 
 
 # ------------------------------------------------------------------------------------------ facenet-pytorch, presets
@@ -493,7 +494,7 @@ def test_stored_preprocessing_wins_over_a_preset(tmp_path, caplog):
     net = reference_resnet(18, "sequential", seed=14)
     path = tmp_path / "ours.pt"
     torch.save(this_repository_checkpoint(net, image_size=40), path)
-    with caplog.at_level("WARNING", logger="inference"):
+    with caplog.at_level("WARNING", logger="checkpoint_loading"):
         loaded = load_checkpoint(path, preprocess="original-2021")
     assert (loaded.image_size, loaded.mean, loaded.std, loaded.preprocess) == (
         40,
@@ -509,7 +510,7 @@ def test_stored_preprocessing_wins_over_a_preset(tmp_path, caplog):
         {**this_repository_checkpoint(net, 224), "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}, same
     )
     caplog.clear()
-    with caplog.at_level("WARNING", logger="inference"):
+    with caplog.at_level("WARNING", logger="checkpoint_loading"):
         load_checkpoint(same, preprocess="original-2020")
     assert caplog.records == []
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 from errors import InputError
-from inference import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 
 # a folder holding a run with other values of these is another run, never to be written into
 RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
