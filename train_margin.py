@@ -38,6 +38,7 @@ from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
 LOSSES = ("arcface", "cosface", "combined")
+MARGIN_SCALE_DEFAULT = 64.0  # s of both papers
 # the combined margin of the ArcFace paper's Table 1 (m1, m2, m3) = (1, 0.3, 0.2)
 COMBINED_MARGINS = (1.0, 0.3, 0.2)
 
@@ -66,7 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     margin = parser.add_argument_group("margin softmax")
     margin.add_argument("--loss", choices=LOSSES, default="arcface", help="which margin")
-    margin.add_argument("--margin_scale", type=positive_float, default=64.0, help="s, the logit scale")
+    margin.add_argument(
+        "--margin_scale", type=positive_float, default=MARGIN_SCALE_DEFAULT, help="s, the logit scale"
+    )
     margin.add_argument(
         "--margin",
         type=non_negative_float,

@@ -77,6 +77,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from train_margin import MARGIN_DEFAULTS, MARGIN_SCALE_DEFAULT  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
 MARGIN_METHODS = ("arcface", "cosface", "combined")  # train_margin.py --loss <method>
@@ -86,18 +88,10 @@ TRAIN_FOLDS = range(0, 5)  # folds 1-5 (0-based)
 FAR_KEY = "tar_at_far_0.01"
 # the settings every method shares; the per-method ones are in method_settings()
 COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
-# the margin methods' base: train_margin.py's own defaults (SGD, poly decay, one epoch of warmup), written out
-# so that the table shows them and a change of the script's defaults does not reuse old cached runs
-MARGIN_BASE = {
-    "model": "resnet18",
-    "optimizer": "sgd",
-    "lr": 0.1,
-    "weight_decay": 5e-4,
-    "lr_schedule": "poly",
-    "warmup_epochs": 1.0,
-    "batch_size": 128,
-    "margin_scale": 64.0,
-}
+# the margin methods' base: train_margin.py's own defaults (SGD, poly decay, one epoch of warmup) and scale, taken
+# from the script so the two cannot drift; they are part of each run's settings, so the table shows them and a
+# change of the script's defaults is a new cache key, not a reuse of old runs
+MARGIN_BASE = {"model": "resnet18", **MARGIN_DEFAULTS, "margin_scale": MARGIN_SCALE_DEFAULT}
 # steps timed to estimate how many the budget affords (the decay horizon of cosine and poly schedules)
 CALIBRATION_STEPS = 10
 
