@@ -28,49 +28,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from checkpoint_loading import (  # the loading API, importable from here as before
-    CHECKPOINT_FORMAT_VERSION,
-    LAYOUT_FACENET_PYTORCH,
-    LAYOUT_ORIGINAL_2019,
-    LAYOUT_ORIGINAL_2020,
-    LAYOUT_THIS_REPOSITORY,
-    PREPROCESS_PRESETS,
-    SAFE_NUMPY_GLOBALS,
+import checkpoint_loading
+from checkpoint_loading import *  # noqa: F403 - the loading API stays importable from here, as before
+from checkpoint_loading import (
     Alignment,
-    LegacyResnetTriplet,
     LoadedModel,
-    default_alignment,
-    detect_layout,
     load_checkpoint,
-    load_for_training,
-    preset_help,
-    read_checkpoint,
 )
 from datasets.image_files import DECODE_ERRORS
 from errors import InputError
 
-__all__ = [
-    "CHECKPOINT_FORMAT_VERSION",
-    "LAYOUT_THIS_REPOSITORY",
-    "LAYOUT_ORIGINAL_2020",
-    "LAYOUT_ORIGINAL_2019",
-    "LAYOUT_FACENET_PYTORCH",
-    "PREPROCESS_PRESETS",
-    "SAFE_NUMPY_GLOBALS",
-    "Alignment",
-    "LegacyResnetTriplet",
-    "LoadedModel",
-    "FaceEmbedder",
-    "default_alignment",
-    "load_checkpoint",
-    "load_for_training",
-    "preset_help",
-    "read_checkpoint",
-    "detect_layout",
-    "embed_images",
-    "decision_threshold",
-    "distance",
-]
+__all__ = [*checkpoint_loading.__all__, "FaceEmbedder", "embed_images", "decision_threshold", "distance"]
 
 
 # face detection settings of FaceEmbedder(align=True): the defaults of datasets/align_dataset.py
