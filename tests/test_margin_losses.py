@@ -377,6 +377,9 @@ def _entry(rank, world_size, port, worker, args):
     )
     try:
         worker(rank, *args)
+        # every rank past its last collective before any tears the group down: a rank leaving right after
+        # its part of a gather while rank 0 still receives made gloo abort the leaving process (SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
