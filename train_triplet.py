@@ -43,11 +43,12 @@ from training.runtime import Runtime
 PREGENERATED_RULES = ("hard", "semihard")
 ONLINE_RULES = ("batch_hard", "batch_all")
 
-# small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs
+# small enough to finish in a few CPU minutes, large enough to end far above chance on the demo pairs; the
+# recipe is the script's own default (batch-all over 16 identities x 4 images, Adam); online mining counts
+# --num_triplets_train in images, so 6,400 is 100 steps an epoch
 DEMO_DEFAULTS = {
     "epochs": 2,
-    "num_triplets_train": 2400,
-    "batch_size": 32,
+    "num_triplets_train": 6400,
 }
 
 
@@ -73,10 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     triplets.add_argument(
         "--triplet_selection",
         choices=PREGENERATED_RULES + ONLINE_RULES,
-        default="hard",
+        default=None,
         help="hard: the original's d(a,n) - d(a,p) < margin on random triplets; semihard: FaceNet's "
-        "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in P x K batches "
-        "(batch_all learned fastest in benchmarks/bench_learning.py; see README.md)",
+        "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in batches of "
+        "--batch_size images, --images_per_identity per identity (Hermans et al. 2017). Default: batch_all, "
+        "which learned fastest in benchmarks/bench_learning.py; hard when --training_triplets_path or "
+        "--num_human_identities_per_batch (flags of pre-generated triplets) is given",
     )
     triplets.add_argument(
         "--selection_pass",
@@ -97,8 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     triplets.add_argument(
         "--identities_per_batch",
         type=positive_int,
-        default=16,
-        help="online mining: P, the identities in a batch",
+        default=None,
+        help="online mining: P, the identities in a batch (default: --batch_size / --images_per_identity)",
     )
     triplets.add_argument(
         "--images_per_identity",
@@ -107,6 +110,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="online mining: K, the images of each identity in a batch",
     )
     return parser
+
+
+def resolve_batch_composition(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on other flags: the selection rule, and P for online mining.
+
+    Pre-generated triplets stay the rule of a run that names their flags, so the original's command
+    lines keep their meaning; anything else mines online, P x K = --batch_size images a step.
+    """
+    if args.triplet_selection is None:
+        pregenerated = args.training_triplets_path is not None or args.num_human_identities_per_batch
+        args.triplet_selection = "hard" if pregenerated else "batch_all"
+    if args.triplet_selection in ONLINE_RULES and args.identities_per_batch is None:
+        args.identities_per_batch = args.batch_size // args.images_per_identity
+        if args.identities_per_batch < 2:
+            raise InputError(
+                f"--batch_size {args.batch_size} holds fewer than 2 identities of --images_per_identity "
+                f"{args.images_per_identity} images; online mining needs a negative identity in every batch"
+            )
 
 
 Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -183,6 +204,7 @@ class TripletTask(TrainingTask):
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         super().__init__(args, runtime)
+        resolve_batch_composition(args)
         self.online = args.triplet_selection in ONLINE_RULES
         csv_path = ensure_dataset_csv(args, runtime)
         transform = train_transform(args.image_size, normalize=False)  # normalised on the device
@@ -283,6 +305,7 @@ class TripletTask(TrainingTask):
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
         args = parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
+        resolve_batch_composition(args)
         if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
             raise InputError(
                 "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"

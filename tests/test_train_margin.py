@@ -16,7 +16,7 @@ from tests.training_data import REPO, common_args
 
 def margin_args(data, output_dir, *extra):
     args = [*common_args(data, output_dir), "--batch_size", "10", *extra]
-    # common_args picks adam at 1e-3 for the triplet tests; margin training keeps its own SGD defaults
+    # margin training keeps its own defaults (adam, with the class centers at 100x the lr)
     for flag in ("--optimizer", "--lr"):
         at = args.index(flag)
         del args[at : at + 2]
@@ -40,12 +40,12 @@ def test_one_epoch_writes_a_checkpoint_with_the_full_classifier(tiny_demo_data, 
     assert checkpoint["num_classes"] == 6 and classifier["weight"].shape == (6, 16)
     assert classifier["optimizer"]["momentum_buffer"].shape == (6, 16)
     assert checkpoint["margins"] == [1.0, 0.5, 0.0] and checkpoint["margin_scale"] == 64.0
-    assert checkpoint["args"]["optimizer"] == "sgd" and checkpoint["args"]["lr_schedule"] == "poly"
+    assert checkpoint["args"]["optimizer"] == "adam" and checkpoint["args"]["lr_schedule"] == "poly"
     with (output_dir / "training_log.csv").open() as handle:
         (row,) = list(csv.DictReader(handle))
     assert int(row["num_images"]) == 30
     # the warmup: one epoch of 3 steps rises to the full lr at the epoch's last step
-    assert float(row["lr"]) == pytest.approx(0.1)
+    assert float(row["lr"]) == pytest.approx(1e-3)
     # the embedding model alone is what inference loads
     loaded = load_checkpoint(output_dir / "checkpoints" / "model_resnet18_margin_epoch_1.pt")
     assert loaded.embedding_dim == 16 and loaded.image_size == 32
@@ -117,3 +117,17 @@ def test_two_processes_shard_the_classifier(tiny_demo_data, tmp_path):
     with (output_dir / "training_log.csv").open() as handle:
         (row,) = list(csv.DictReader(handle))
     assert int(row["num_images"]) == 30
+
+
+@pytest.mark.parametrize(
+    "extra, centers_lr",
+    [([], 0.1), (["--optimizer", "sgd", "--lr", "0.1"], 0.1), (["--classifier_lr_scale", "10"], 0.01)],
+    ids=["adam-default", "sgd-papers", "explicit"],
+)
+def test_the_class_centers_lr_follows_the_optimizer(tiny_demo_data, tmp_path, extra, centers_lr):
+    from training.runtime import Runtime
+
+    args = margin_args(tiny_demo_data, tmp_path / "run", *extra)
+    parsed = train_margin.parse_args(train_margin.get_args_parser(), args, {})
+    task = train_margin.MarginTask(parsed, Runtime(torch.device("cpu")))
+    assert task.optimizers[1].param_groups[0]["lr"] == pytest.approx(centers_lr)

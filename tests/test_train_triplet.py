@@ -66,7 +66,8 @@ def test_one_epoch_writes_every_file(tiny_demo_data, tmp_path, capsys):
     with (output_dir / "training_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and rows[0]["epoch"] == "1"
-    assert 0 < int(rows[0]["num_triplets"]) <= 24
+    # the default, batch-all over 3 batches of 2 identities x 4 images: at most 2 * 4 * 3 * 4 triplets each
+    assert 0 < int(rows[0]["num_triplets"]) <= 3 * 96
     # the logged validation is that of the saved model: an independent evaluation (each pair's two images
     # embedded alone by the inference API, then the ten-fold protocol) gives the same numbers
     oracle = pairwise_oracle(checkpoint_path, tiny_demo_data)
@@ -97,8 +98,16 @@ def test_other_selection_rules_train(tiny_demo_data, tmp_path, selection):
     assert checkpoint["history"]["epochs"] == [1]
 
 
-@pytest.mark.parametrize("extra", [[], ["--selection_pass"]], ids=["one-pass", "selection-pass"])
-def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra):
+@pytest.mark.parametrize(
+    "extra, most_triplets",
+    [
+        ([], 2 * 2 * 96),  # batch-all: 2 processes x 2 steps of 2 identities x 4 images
+        (["--triplet_selection", "hard"], 24),
+        (["--triplet_selection", "hard", "--selection_pass"], 24),
+    ],
+    ids=["batch-all", "one-pass", "selection-pass"],
+)
+def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra, most_triplets):
     output_dir = tmp_path / "ddp"
     command = [
         sys.executable,
@@ -119,10 +128,10 @@ def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra):
         output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
     )
     assert checkpoint["epoch"] == 1
-    # each of the two processes trained on its own 12 of the 24 triplets: 2 steps of 8 + 4 each
+    # pre-generated: each of the two processes trained on its own 12 of the 24 triplets (2 steps of 8 + 4)
     with (output_dir / "training_log.csv").open() as handle:
         (row,) = list(csv.DictReader(handle))
-    assert 0 < int(row["num_triplets"]) <= 24
+    assert 0 < int(row["num_triplets"]) <= most_triplets
 
 
 @pytest.mark.parametrize(
@@ -341,3 +350,37 @@ def test_pretrained_weights_the_model_has_none_of_are_a_one_line_error(tiny_demo
     for argv, expected in ((["--pretrained"], True), (["--pretrained", "casia-webface"], "casia-webface"),
                            (["--no-pretrained"], False), ([], False)):  # fmt: skip
         assert parse_args(parser, ["-d", "x", "--lfw", "y", *argv], {}).pretrained == expected
+
+
+# ----- the defaults: the best measured recipe, the original's command lines keep their meaning
+
+
+def _resolved(argv):
+    args = parse_args(train_triplet.get_args_parser(), ["-d", "x", "--lfw", "y", *argv], {})
+    train_triplet.resolve_batch_composition(args)
+    return args
+
+
+def test_defaults_are_batch_all_with_adam_over_batch_size_images():
+    args = _resolved([])
+    assert (args.triplet_selection, args.optimizer, args.lr, args.margin) == ("batch_all", "adam", 1e-3, 0.2)
+    assert (args.identities_per_batch, args.images_per_identity) == (16, 4)  # P x K = --batch_size 64
+    args = _resolved(["--batch_size", "96", "--images_per_identity", "3"])
+    assert args.identities_per_batch * args.images_per_identity == 96
+    assert _resolved(["--batch_size", "96", "--identities_per_batch", "8"]).identities_per_batch == 8
+
+
+@pytest.mark.parametrize(
+    "argv", [["--training_triplets_path", "t.npy"], ["--num_human_identities_per_batch", "32"]]
+)
+def test_flags_of_pregenerated_triplets_keep_the_originals_hard_rule(argv):
+    assert _resolved(argv).triplet_selection == "hard"
+    assert _resolved([*argv, "--triplet_selection", "semihard"]).triplet_selection == "semihard"
+
+
+def test_a_batch_too_small_for_two_identities_is_a_one_line_error(tiny_demo_data, tmp_path, capsys):
+    argv = [*common_args(tiny_demo_data, tmp_path / "run"), "--batch_size", "6", "--images_per_identity", "4"]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch_size 6" in err[0] and "--images_per_identity 4" in err[0]
+    assert not (tmp_path / "run").exists()
