@@ -77,14 +77,19 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import train_center  # noqa: E402
+import train_margin  # noqa: E402
+import train_triplet  # noqa: E402
 from train_margin import MARGIN_DEFAULTS, MARGIN_SCALE_DEFAULT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data from the repository root
 MARGIN_METHODS = ("arcface", "cosface", "combined")  # train_margin.py --loss <method>
-METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center", *MARGIN_METHODS)
-DEFAULT_METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center")
-TRAIN_FOLDS = range(0, 5)  # folds 1-5 (0-based)
+# each training script run from its own defaults: only the protocol (model, image size, data) is set
+DEFAULTS_METHODS = ("triplet_defaults", "center_defaults", "margin_defaults")
+METHODS = ("hard", "semihard", "batch_hard", "batch_all", "center", *MARGIN_METHODS, *DEFAULTS_METHODS)
+DEFAULT_METHODS = ("hard", "batch_hard", *DEFAULTS_METHODS)
+SPLITS = {"1-5": range(0, 5), "6-10": range(5, 10)}  # --train_folds -> the training folds (0-based)
 FAR_KEY = "tar_at_far_0.01"
 # the settings every method shares; the per-method ones are in method_settings()
 COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
@@ -92,13 +97,20 @@ COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
 # from the script so the two cannot drift; they are part of each run's settings, so the table shows them and a
 # change of the script's defaults is a new cache key, not a reuse of old runs
 MARGIN_BASE = {"model": "resnet18", **MARGIN_DEFAULTS, "margin_scale": MARGIN_SCALE_DEFAULT}
+# the flags that make a recipe, shown for the defaults rows (as the script resolved them)
+RECIPE_KEYS = (
+    "triplet_selection", "batch_size", "identities_per_batch", "images_per_identity", "margin", "loss",
+    "margin_scale", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_epochs", "classifier_lr_scale",
+    "logit_scale", "center_loss_weight", "center_loss_lr",
+)  # fmt: skip
 # steps timed to estimate how many the budget affords (the decay horizon of cosine and poly schedules)
 CALIBRATION_STEPS = 10
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Accuracy against training CPU time of the training methods, on LFW folds 1-5 -> 6-10.",
+        description="Accuracy against training CPU time of the training methods, on LFW folds 1-5 -> 6-10 "
+        "(or 6-10 -> 1-5).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--budget_seconds", type=float, default=240.0, help="training CPU seconds per run")
@@ -115,6 +127,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"methods ({', '.join(METHODS)}), each optionally with flag overrides: name:flag=value,flag=value",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds")
+    parser.add_argument(
+        "--train_folds",
+        choices=tuple(SPLITS),
+        default="1-5",
+        help="the LFW folds whose identities are trained on; the other five are the test pairs",
+    )
     parser.add_argument(
         "--repeat_best",
         type=int,
@@ -154,8 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------- data split
 
 
-def prepare_split(data_dir: Path, work_dir: Path) -> dict:
-    """Symlink tree of the training identities, its CSV, and a pairs file of folds 6-10 only.
+def prepare_split(data_dir: Path, work_dir: Path, train_folds: str = "1-5") -> dict:
+    """Symlink tree of the training identities, its CSV, and a pairs file of the test folds only.
 
     Returns the paths and counts. Raises if an identity would be both trained on and evaluated on.
     """
@@ -167,13 +185,16 @@ def prepare_split(data_dir: Path, work_dir: Path) -> dict:
     names_by_fold = [set() for _ in range(parsed.num_folds)]
     for (first, _), (second, _), fold in zip(parsed.first, parsed.second, parsed.fold_of_pair, strict=True):
         names_by_fold[fold].update((first, second))
-    train_names = set().union(*(names_by_fold[fold] for fold in TRAIN_FOLDS))
-    test_folds = [fold for fold in range(parsed.num_folds) if fold not in TRAIN_FOLDS]
+    train_fold_ids = SPLITS[train_folds]
+    train_names = set().union(*(names_by_fold[fold] for fold in train_fold_ids))
+    test_folds = [fold for fold in range(parsed.num_folds) if fold not in train_fold_ids]
     test_names = set().union(*(names_by_fold[fold] for fold in test_folds))
     overlap = train_names & test_names
     if overlap:
         raise AssertionError(f"{len(overlap)} identities in both the training and the test folds")
 
+    # the first split keeps the folder names it always had (its cached runs stay valid)
+    work_dir = work_dir if train_folds == "1-5" else work_dir / f"train_folds_{train_folds}"
     tree = work_dir / "train_tree"
     tree.mkdir(parents=True, exist_ok=True)
     for name in sorted(train_names):
@@ -185,9 +206,12 @@ def prepare_split(data_dir: Path, work_dir: Path) -> dict:
     csv_path = work_dir / "train.csv"
     summary = generate_csv(tree, csv_path)
 
-    test_pairs_path = work_dir / "pairs_folds_6_10.txt"
+    test_name = f"{test_folds[0] + 1}-{test_folds[-1] + 1}"
+    test_pairs_path = work_dir / f"pairs_folds_{test_name.replace('-', '_')}.txt"
     write_fold_subset(pairs_path, test_pairs_path, test_folds)
     return {
+        "train_folds": train_folds,
+        "test_folds": test_name,
         "train_tree": str(tree),
         "train_csv": str(csv_path),
         "lfw_dir": str(lfw_dir),
@@ -228,6 +252,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
 
 def method_settings(method: str, bench_args: argparse.Namespace, overrides: dict[str, str]) -> dict:
     """The training-script flags (without paths and seed) of a method, overrides applied last."""
+    if method in DEFAULTS_METHODS:  # the protocol only; every other flag is the script's default
+        return {"model": COMMON_DEFAULTS["model"], "image_size": bench_args.image_size, **overrides}
     if method in MARGIN_METHODS:
         return {**MARGIN_BASE, "image_size": bench_args.image_size, "loss": method, **overrides}
     settings = {**COMMON_DEFAULTS, "image_size": bench_args.image_size, "lr": bench_args.lr}
@@ -244,8 +270,15 @@ def method_settings(method: str, bench_args: argparse.Namespace, overrides: dict
     return settings
 
 
-def run_key(method: str, settings: dict, seed: int, budget: float, eval_points: list[float]) -> str:
-    text = json.dumps([method, settings, seed, budget, eval_points], sort_keys=True, default=str)
+def run_key(
+    method: str, settings: dict, seed: int, budget: float, eval_points: list[float], train_folds: str = "1-5"
+) -> str:
+    parts = [method, settings, seed, budget, eval_points]
+    if train_folds != "1-5":  # the first split's keys stay what they were
+        parts.append(train_folds)
+    if method in DEFAULTS_METHODS:  # the defaults live in the script: a change of them is a new run
+        parts.append(script_defaults(method))
+    text = json.dumps(parts, sort_keys=True, default=str)
     return f"{method}-s{seed}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
@@ -343,6 +376,8 @@ def train_one(job: dict) -> dict:
         "key": job["key"],
         "method": job["method"],
         "settings": job["settings"],
+        # the recipe as the task resolved it (defaults that depend on other flags filled in)
+        "recipe": {key: value for key, value in vars(args).items() if key in RECIPE_KEYS},
         "seed": job["seed"],
         "budget_cpu_s": job["budget"],
         "clock": "process CPU time (time.process_time), 1 torch thread, num_workers=0, evaluation excluded",
@@ -363,34 +398,41 @@ def train_one(job: dict) -> dict:
     return record
 
 
+def script_of(method: str) -> tuple:
+    """The training script (module) a method runs and its task class."""
+    if method in ("center", "center_defaults"):
+        return train_center, train_center.CenterTask
+    if method in (*MARGIN_METHODS, "margin_defaults"):
+        return train_margin, train_margin.MarginTask
+    return train_triplet, train_triplet.TripletTask
+
+
+def script_defaults(method: str) -> dict:
+    """The recipe flags' defaults of the method's script, as its parser has them."""
+    script, _ = script_of(method)
+    defaults = vars(script.get_args_parser().parse_args([]))
+    return {key: defaults[key] for key in RECIPE_KEYS if key in defaults}
+
+
 def parse_run_flags(job: dict) -> tuple[list[str], argparse.Namespace, type]:
     """The run's training-script argv, parsed by that script's own parser, and the task class to build."""
-    import train_center
-    import train_margin
-    import train_triplet
-
     output_dir = Path(job["work_dir"]) / "runs" / job["key"]
     output_dir.mkdir(parents=True, exist_ok=True)
     argv = script_argv(job["method"], job["settings"], job["seed"], job["split"], output_dir)
     # "untrained" is any triplet task evaluated before its first step: with the same seed every method starts
     # from the same embedding network (the center task's classifier is built after it)
-    if job["method"] == "center":
-        script, task_class = train_center, train_center.CenterTask
-    elif job["method"] in MARGIN_METHODS:
-        script, task_class = train_margin, train_margin.MarginTask
-    else:
-        script, task_class = train_triplet, train_triplet.TripletTask
+    script, task_class = script_of(job["method"])
     return argv, script.get_args_parser().parse_args(argv), task_class
 
 
 def load_test_pairs(args: argparse.Namespace, split: dict):
-    """The LFW pairs of folds 6-10, checked to be the ones the split wrote."""
+    """The LFW pairs of the test folds, checked to be the ones the split wrote."""
     from datasets.lfw_dataset import LFWDataset
     from datasets.transforms import eval_transform
 
     lfw_dataset = LFWDataset(args.lfw, args.lfw_pairs, transform=eval_transform(args.image_size))
     if len(lfw_dataset.issame) != split["num_test_pairs"]:
-        raise AssertionError("the evaluation pairs are not the 3,000 of folds 6-10")
+        raise AssertionError(f"the evaluation pairs are not the {split['num_test_pairs']} of the test folds")
     return lfw_dataset
 
 
@@ -502,7 +544,7 @@ def make_jobs(bench_args, specs, seeds, split, eval_points) -> list[dict]:
         settings = method_settings(method, bench_args, overrides)
         for seed in seeds:
             budget = 0.0 if method == "untrained" else bench_args.budget_seconds
-            key = run_key(method, settings, seed, budget, eval_points)
+            key = run_key(method, settings, seed, budget, eval_points, split["train_folds"])
             jobs.append(
                 {
                     "spec": spec,
@@ -548,6 +590,9 @@ UNSHOWN_SETTINGS = ("model", "triplet_selection", "num_triplets_train", "loss")
 def settings_text(record: dict) -> str:
     settings = record["settings"]
     keys = ["image_size", "optimizer", "lr"]
+    if record["method"] in DEFAULTS_METHODS:
+        recipe = {key: value for key, value in record.get("recipe", {}).items() if value is not None}
+        return "script defaults: " + ", ".join(f"{key}={value}" for key, value in recipe.items())
     if record["method"] == "untrained":
         keys = ["image_size"]
     elif record["method"] == "center":
@@ -575,9 +620,9 @@ def trained_on(record: dict) -> str:
     return "-"
 
 
-def markdown_table(records: list[dict]) -> list[str]:
+def markdown_table(records: list[dict], test_folds: str = "6-10") -> list[str]:
     lines = [
-        "| method | settings | seed | LFW 6-10 accuracy (mean ± std, 5 folds) | ROC AUC | TAR @ FAR 1e-2 "
+        f"| method | settings | seed | LFW {test_folds} accuracy (mean ± std, 5 folds) | ROC AUC | TAR @ FAR 1e-2 "
         "| steps | images seen | loss averaged over | train CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -614,15 +659,14 @@ def seed_summary(records: list[dict]) -> list[str]:
     return lines
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
+def plot_curves(records: list[dict], path: Path, train_folds: str = "1-5", test_folds: str = "6-10") -> None:
     """Accuracy against training CPU seconds, one line per run (colour: method, line style: seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
-    colours = dict(zip(METHODS, palette + ("tab:gray",), strict=True))
+    colours = {method: f"C{index % 10}" for index, method in enumerate(METHODS)}
     styles = ["-", "--", ":", "-."]
     # several settings of one method (a tuning pass) each get a colour of their own
     variants = list(
@@ -663,8 +707,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
             )
         ax.set(
             xlabel="training time (process CPU seconds, 1 thread)",
-            ylabel="accuracy, LFW folds 6-10 (5-fold)",
-            title="ResNet-18 from scratch on LFW folds 1-5 identities",
+            ylabel=f"accuracy, LFW folds {test_folds} (5-fold)",
+            title=f"ResNet-18 from scratch on LFW folds {train_folds} identities",
         )
         ax.grid(alpha=0.3)
         if start:
@@ -681,12 +725,13 @@ def write_report(bench_args, split, records, eval_points, output: Path) -> list[
         f"# Learning benchmark: {bench_args.name}",
         "",
         f"Train: {split['num_train_images']} images of {split['num_train_identities']} identities (LFW folds "
-        f"1-5); test: the {split['num_test_pairs']} pairs of folds 6-10, evaluate_lfw with 5 folds. "
+        f"{split['train_folds']}); test: the {split['num_test_pairs']} pairs of folds {split['test_folds']}, "
+        "evaluate_lfw with 5 folds. "
         f"Budget {bench_args.budget_seconds:g} s of process CPU time per run (1 torch thread, num_workers=0, "
         f"decoding and augmentation included, evaluation excluded); evaluated at "
         f"{', '.join(f'{p:g}' for p in eval_points)} CPU s. ResNet-18 from scratch, Adam unless stated.",
         "",
-        *markdown_table(records),
+        *markdown_table(records, split["test_folds"]),
     ]
     summary = seed_summary(records)
     if summary:
@@ -724,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = bench_args.budget_seconds
     every = bench_args.eval_every or budget / 2
     eval_points = [round(every * i, 3) for i in range(1, math.ceil(budget / every - 1e-9))] + [budget]
-    split = prepare_split(Path(bench_args.data), Path(bench_args.work_dir))
+    split = prepare_split(Path(bench_args.data), Path(bench_args.work_dir), bench_args.train_folds)
     print(
         f"train: {split['num_train_images']} images, {split['num_train_identities']} identities; "
         f"test: {split['num_test_pairs']} pairs; no identity overlap",
@@ -754,7 +799,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines = write_report(bench_args, split, records, eval_points, Path(bench_args.output))
     if bench_args.plot:
-        plot_curves(records, Path(bench_args.output) / f"{bench_args.name}_curves.png")
+        plot_curves(
+            records,
+            Path(bench_args.output) / f"{bench_args.name}_curves.png",
+            split["train_folds"],
+            split["test_folds"],
+        )
     print("\n".join(lines))
     return 0
 
