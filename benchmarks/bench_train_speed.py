@@ -4,10 +4,13 @@
     python benchmarks/bench_train_speed.py --device cuda --image_size 160 224 --with_data
 
 "Original" is the seed repository's step: fp32, NCHW, three forward passes, hard triplets picked through a
-numpy round trip, the loss on them, backward through everything. "Ours" runs train_triplet.py's own step
-functions and the trainer's backward_and_step: channels_last, mixed precision as --amp auto chooses for the device,
-one forward pass over anchors, positives and negatives together, and either
-- the loss masked to the hard triplets (the default), or
+numpy round trip, the loss on them, backward through everything. "Ours" runs with channels_last, mixed
+precision as --amp auto chooses for the device, and the trainer's backward_and_step:
+- the default step of train_triplet.py (its parser's defaults: batch-all mining over P x K = --batch_size
+  images, Adam), one forward pass over the batch;
+- with pre-generated triplets (--triplet_selection hard), one forward pass over anchors, positives and
+  negatives together through the script's own step functions, and either
+- the loss masked to the hard triplets (the default for those), or
 - --selection_pass: a forward pass without gradients picks the hard triplets, then forward and backward
   run over those only. Its cost depends on the share of triplets that are hard, so it is timed at
   fixed shares (--hard_shares) like those real runs log (num_triplets in training_log.csv divided by
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_triplet  # noqa: E402
 from devices import AMP_CHOICES, auto_amp, resolve_amp, resolve_device, usable_workers  # noqa: E402
-from losses import TripletLoss  # noqa: E402
+from losses import TripletLoss, batch_all_triplets  # noqa: E402
 from models import build_model  # noqa: E402
 from training.builders import build_optimizer  # noqa: E402
 from training.engine import backward_and_step  # noqa: E402
@@ -54,6 +57,15 @@ def synthetic_batches(batch_size: int, image_size: int, count: int):
     batch = [torch.randn(batch_size, 3, image_size, image_size, generator=generator) for _ in range(3)]
     for _ in range(count):
         yield batch
+
+
+def synthetic_pk_batches(batch_size: int, image_size: int, count: int, images_per_identity: int):
+    """(images, labels) batches of batch_size images, images_per_identity of each identity."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.arange(batch_size) // images_per_identity
+    for _ in range(count):
+        yield images, labels
 
 
 def real_batches(batch_size: int, image_size: int, count: int, workers: int, tmp: Path):
@@ -114,6 +126,40 @@ class OurStep:
         return loss.detach()
 
 
+class DefaultStep:
+    """train_triplet.py's default step: batch-all mining over a P x K batch of --batch_size images, with the
+    script's default optimizer, lr and margin, channels_last and the --amp precision."""
+
+    def __init__(self, model, device, amp_dtype, defaults: argparse.Namespace):
+        self.model = model.to(device, memory_format=torch.channels_last)
+        self.device, self.amp_dtype = device, amp_dtype
+        self.optimizer = build_optimizer(
+            defaults.optimizer, self.model.parameters(), defaults.lr, defaults.weight_decay
+        )
+        self.task = SimpleNamespace(optimizers=[self.optimizer], before_optimizer_step=lambda: None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.loss_fn = TripletLoss(defaults.margin)
+        self.margin = defaults.margin
+
+    def __call__(self, batch):
+        images, labels = batch
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            embeddings = self.model(images)
+        anchors, positives, negatives = batch_all_triplets(embeddings, labels, self.margin)
+        loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
+        backward_and_step(self.task, loss, self.scaler)
+        return loss.detach()
+
+
+def images_of(batch) -> int:
+    """Images a batch feeds the model: a (images, labels) P x K batch, or three triplet tensors."""
+    if len(batch) == 2 and batch[1].ndim == 1:
+        return int(batch[0].shape[0])
+    return 3 * int(batch[0].shape[0])
+
+
 def first_share(fraction: float):
     def select(anchor, positive, negative):
         mask = torch.zeros(anchor.shape[0], dtype=torch.bool, device=anchor.device)
@@ -164,7 +210,7 @@ def measure(step, batches, device, warmup: int) -> float:
         synchronize(device)
         if index >= warmup:
             seconds.append(time.perf_counter() - started)
-            images += 3 * batch[0].shape[0]
+            images += images_of(batch)
     return images / sum(seconds)
 
 
@@ -197,9 +243,9 @@ def flops_per_image(model_name: str, image_size: int) -> tuple[float, float]:
     return train, counter.get_total_flops() / 4
 
 
-def matmul_flops_per_second(device, size: int = 4096, repeats: int = 5) -> float:
-    """The best of a few fp32 size x size matmuls: a practical peak for this device and thread count."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+def matmul_flops_per_second(device, size: int = 4096, repeats: int = 5, dtype=torch.float32) -> float:
+    """The best of a few size x size matmuls in ``dtype``: a practical peak for this device and thread count."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -218,7 +264,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="resnet34")
     parser.add_argument("--image_size", type=int, nargs="+", default=[160])
     parser.add_argument(
-        "--batch_size", type=int, default=64, help="triplets per step (train_triplet.py's default)"
+        "--batch_size",
+        type=int,
+        default=64,
+        help="train_triplet.py's --batch_size (its default): triplets a step for the original's and the "
+        "hard-rule steps, images a step (P x K) for the default batch-all step",
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1)
@@ -262,9 +312,15 @@ def print_table_header(with_data: bool) -> None:
 
 def step_makers(hard_shares, device, amp_dtype) -> dict:
     """{(step name, hard triplets): model -> step}, the original's first (the speed-ups are relative to it)."""
+    defaults = train_triplet.get_args_parser().parse_args([])
+    train_triplet.resolve_batch_composition(defaults)
     makers = {
         ("original: fp32, NCHW, three passes", "rule"): lambda model: OriginalStep(model, device),
-        ("ours, one pass (default)", "rule"): lambda model: OurStep(model, device, amp_dtype, False),
+        (
+            f"ours, default: {defaults.triplet_selection}, {defaults.optimizer}",
+            "all in batch",
+        ): lambda model: DefaultStep(model, device, amp_dtype, defaults),
+        ("ours, hard rule, one pass", "rule"): lambda model: OurStep(model, device, amp_dtype, False),
         ("ours, selection pass (--selection_pass)", "rule"): lambda model: OurStep(
             model, device, amp_dtype, True
         ),
@@ -291,7 +347,10 @@ def time_steps(makers: dict, args, image_size: int, device):
             # beside the memory of the others
             torch.manual_seed(0)
             step = make(build_model(args.model, 128))
-            batches = synthetic_batches(args.batch_size, image_size, count)
+            if isinstance(step, DefaultStep):
+                batches = synthetic_pk_batches(args.batch_size, image_size, count, images_per_identity=4)
+            else:
+                batches = synthetic_batches(args.batch_size, image_size, count)
             rates[key].append(measure(step, batches, device, args.warmup))
             if key[1] == "rule" and isinstance(step, OurStep):  # what the rule kept while timed
                 shares[key] = f"rule: {step.chosen.item() / step.offered:.0%}"
@@ -311,17 +370,26 @@ def measure_with_data(step, args, image_size: int, workers: int, device) -> floa
         return measure_pipeline(step, batches, device, args.warmup)
 
 
-def print_compute(image_size, train_flops, forward_flops, peak, original_rate, one_pass_rate) -> None:
-    """How close the original and the one pass come to the FLOP bound that the matmul peak sets."""
+def print_compute(image_size, train_flops, forward_flops, peaks: dict, original_rate, rates: dict) -> None:
+    """How close the original and our steps come to the FLOP bounds that the matmul peaks set."""
+    fp32 = peaks[torch.float32]
     print(
         f"compute at {image_size} px: {train_flops / 1e9:.2f} GFLOP per image forward + backward "
-        f"({forward_flops / 1e9:.2f} forward alone); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s, so a "
-        f"step doing the original's work cannot pass {peak / train_flops:.1f} img/s = "
-        f"{peak / train_flops / original_rate:.2f}x the original, which reached "
-        f"{original_rate * train_flops / peak:.0%} of that peak and the one pass "
-        f"{one_pass_rate * train_flops / peak:.0%}",
+        f"({forward_flops / 1e9:.2f} forward alone); fp32 matmul peak {fp32 / 1e9:.0f} GFLOP/s, so an fp32 "
+        f"step doing the original's work cannot pass {fp32 / train_flops:.1f} img/s = "
+        f"{fp32 / train_flops / original_rate:.2f}x the original, which reached "
+        f"{original_rate * train_flops / fp32:.0%} of that peak",
         flush=True,
     )
+    for dtype, peak in peaks.items():
+        if dtype == torch.float32:
+            continue
+        print(
+            f"{dtype} matmul peak {peak / 1e9:.0f} GFLOP/s: a step doing that work in {dtype} cannot pass "
+            f"{peak / train_flops:.1f} img/s = {peak / train_flops / original_rate:.2f}x the original; "
+            + "; ".join(f"{name} reached {rate * train_flops / peak:.0%}" for name, rate in rates.items()),
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -330,7 +398,9 @@ def main(argv=None):
     amp_dtype = resolve_amp(args.amp, device)
     workers = args.num_workers if args.num_workers is not None else usable_workers(16)
     print_setup(args, device, amp_dtype)
-    peak = matmul_flops_per_second(device)  # measured again after each size; the higher one counts
+    # measured again after each size; the higher one counts
+    dtypes = [torch.float32] + ([amp_dtype] if amp_dtype is not None else [])
+    peaks = {dtype: matmul_flops_per_second(device, dtype=dtype) for dtype in dtypes}
     print_table_header(args.with_data)
     for image_size in args.image_size:
         train_flops, forward_flops = flops_per_image(args.model, image_size)
@@ -338,6 +408,11 @@ def main(argv=None):
         medians, shares, with_data_step = time_steps(makers, args, image_size, device)
         original_rate = next(iter(medians.values()))
         one_pass_key = next(key for key in makers if "one pass" in key[0])
+        ours = {  # the steps that do the work they are given (not the selection pass on its easy batch)
+            key[0]: rate
+            for key, rate in list(medians.items())[1:]
+            if key[1] in ("rule", "all in batch") and "selection pass" not in key[0]
+        }
         for key, rate in medians.items():
             row = (
                 f"| {args.model} | {image_size} | {key[0]} | {shares.get(key, key[1])} | {rate:.1f} "
@@ -349,8 +424,10 @@ def main(argv=None):
             elif args.with_data:
                 row += " | |"
             print(row, flush=True)
-        peak = max(peak, matmul_flops_per_second(device))
-        print_compute(image_size, train_flops, forward_flops, peak, original_rate, medians[one_pass_key])
+        peaks = {
+            dtype: max(peak, matmul_flops_per_second(device, dtype=dtype)) for dtype, peak in peaks.items()
+        }
+        print_compute(image_size, train_flops, forward_flops, peaks, original_rate, ours)
 
 
 if __name__ == "__main__":

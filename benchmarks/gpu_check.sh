@@ -22,7 +22,7 @@ rate=$("$python" -c "
 import sys
 for line in open(sys.argv[1]):
     cells = [cell.strip() for cell in line.split('|')]
-    if len(cells) > 5 and cells[2] == '160' and cells[3].startswith('ours, one pass'):
+    if len(cells) > 5 and cells[2] == '160' and cells[3].startswith('ours, default'):
         print(cells[5].replace(',', '')); break
 " "$out/train_speed.md")
 "$python" benchmarks/bench_input_pipeline.py --sizes 160 224 --seconds 8 ${rate:+--gpu_images_per_second "$rate"} \
