@@ -210,6 +210,8 @@ class LoadedModel:
     path: str | None = None
     alignment: Alignment | None = None  # None: default_alignment(image_size)
     preprocess: str | None = None  # the preset used, None when the checkpoint stores its preprocessing
+    alignment_stored: bool = False  # whether ``alignment`` is the checkpoint's own entry, not the default
+    new_head: bool = False  # load_for_training only: the embedding head is new, not the checkpoint's
 
     def __post_init__(self):
         if self.alignment is None:
@@ -334,8 +336,9 @@ def load_for_training(path, num_classes: int | None = None, preprocess: str | No
     like that). Its model is an ``EmbeddingModel`` of ``build_model(architecture, embedding_dim,
     num_classes)`` with every parameter trainable; with ``num_classes`` a new, randomly initialised
     classifier of that size replaces any stored one (the stored one classifies the old identities), and
-    without it none is kept. The 2019 layout (a different head, embeddings scaled by 10) cannot be fine-tuned
-    here: InputError.
+    without it none is kept. The 2019 layout's head (one Linear, embeddings scaled by 10) has no counterpart
+    among the models trained here: its backbone is loaded under a new, randomly initialised embedding head of
+    the stored size, and ``new_head`` says so (its distance threshold, on the old head's scale, is dropped).
     """
     return _load(path, preprocess, None, num_classes=num_classes, keep_classifier=False)
 
@@ -347,31 +350,26 @@ def _load(
     _check_load_options(preprocess, image_size)
     checkpoint = read_checkpoint(path)
     layout = detect_layout(checkpoint, path)
-    state = _model_state(checkpoint, layout, path, keep_classifier)
+    state = _model_state(checkpoint, layout, path)
     architecture = _architecture(checkpoint, state, layout, path)
     embedding_dim = _embedding_dim(state, layout, architecture)
-    if keep_classifier:
-        num_classes = (
-            int(state["model.classifier.weight"].shape[0]) if "model.classifier.weight" in state else None
-        )
-    else:
-        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
-    if layout == LAYOUT_ORIGINAL_2019:
-        model = LegacyResnetTriplet(int(architecture.removeprefix("resnet")), embedding_dim)
-        # the 2019 center-loss models' classifier plays no part in embedding
-        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
-        num_classes = None
-    else:
-        model = build_model(architecture, embedding_dim, num_classes)
-    _load_weights(model, state, architecture, path, keep_classifier)
+    if keep_classifier:  # the 2019 center-loss models' classifier plays no part in embedding
+        stored = layout != LAYOUT_ORIGINAL_2019 and "model.classifier.weight" in state
+        num_classes = int(state["model.classifier.weight"].shape[0]) if stored else None
+    model, state, new_head = _model_for(
+        layout, architecture, embedding_dim, num_classes, state, keep_classifier
+    )
+    _load_weights(model, state, architecture, path, keep_classifier, new_head)
     preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
     if image_size is not None:
         preprocessing = preprocessing._replace(image_size=int(image_size))
+    # a new head's distances are on another scale than the stored threshold's
+    threshold = None if new_head else _optional_float(checkpoint.get("best_distance_threshold"))
     return LoadedModel(
         model=model,
         architecture=architecture,
         embedding_dim=embedding_dim,
-        best_distance_threshold=_optional_float(checkpoint.get("best_distance_threshold")),
+        best_distance_threshold=threshold,
         image_size=preprocessing.image_size,
         mean=preprocessing.mean,
         std=preprocessing.std,
@@ -382,7 +380,24 @@ def _load(
         path=str(path),
         alignment=_alignment(checkpoint, path, preprocessing.image_size),
         preprocess=preset_used,
+        alignment_stored=checkpoint.get("alignment") is not None,
+        new_head=new_head,
     )
+
+
+def _model_for(
+    layout: str, architecture: str, embedding_dim: int, num_classes, state: Mapping, keep_classifier: bool
+) -> tuple[nn.Module, dict, bool]:
+    """The model to load ``state`` into, ``state`` without what that model does not take, and whether the
+    model's embedding head is new (fine-tuning a 2019 model: its single Linear has no counterpart here)."""
+    if not keep_classifier or layout == LAYOUT_ORIGINAL_2019:
+        state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
+    if layout != LAYOUT_ORIGINAL_2019:
+        return build_model(architecture, embedding_dim, num_classes), state, False
+    if keep_classifier:
+        return LegacyResnetTriplet(int(architecture.removeprefix("resnet")), embedding_dim), state, False
+    state = {key: value for key, value in state.items() if not key.startswith("model.fc.")}
+    return build_model(architecture, embedding_dim, num_classes), state, True
 
 
 def _check_load_options(preprocess: str | None, image_size: int | None) -> None:
@@ -394,24 +409,23 @@ def _check_load_options(preprocess: str | None, image_size: int | None) -> None:
         raise InputError(f"image_size must be a positive integer, got {image_size!r}")
 
 
-def _model_state(checkpoint: Mapping, layout: str, path, keep_classifier: bool) -> dict:
+def _model_state(checkpoint: Mapping, layout: str, path) -> dict:
     """The model's weights under our ``model.`` keys, checked to be of a layout this use can take."""
     if layout == LAYOUT_FACENET_PYTORCH:
         # its logits classify facenet-pytorch's own training identities: not part of the embedding
         return {f"model.{key}": value for key, value in checkpoint.items() if not key.startswith("logits.")}
     if layout == LAYOUT_THIS_REPOSITORY:
         _check_format_version(checkpoint, path)
-    if layout == LAYOUT_ORIGINAL_2019 and not keep_classifier:
-        raise InputError(
-            f"{path}: the original's 2019 models (one Linear head, embeddings scaled by 10) cannot be "
-            "fine-tuned here; start from a 2020-or-later checkpoint"
-        )
     return dict(checkpoint["model_state_dict"])
 
 
-def _load_weights(model: nn.Module, state: Mapping, architecture: str, path, keep_classifier: bool) -> None:
-    """Load ``state``; only a new classifier (fine-tuning on other identities) may be missing from it."""
+def _load_weights(
+    model: nn.Module, state: Mapping, architecture: str, path, keep_classifier: bool, new_head: bool = False
+) -> None:
+    """Load ``state``; only a new classifier (fine-tuning on other identities) or a new head may be missing."""
     missing_allowed = set() if keep_classifier else {"model.classifier.weight", "model.classifier.bias"}
+    if new_head:
+        missing_allowed |= {key for key in model.state_dict() if key.startswith("model.fc.")}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes that differ

@@ -86,7 +86,7 @@ class CenterTask(TrainingTask):
         self.dataset = LabelledFaceDataset(
             args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
-        self.to_device = ImagesToDevice(runtime.device)
+        self.to_device = ImagesToDevice(runtime.device, args.normalization)
         self.num_classes = self.dataset.num_classes
         self.num_steps = shuffled_steps(len(self.dataset), args.batch_size, runtime)
         self.model = build_embedding_model(args, runtime.device, num_classes=self.num_classes)

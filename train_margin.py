@@ -134,7 +134,7 @@ class MarginTask(TrainingTask):
         self.dataset = LabelledFaceDataset(
             args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
-        self.to_device = ImagesToDevice(runtime.device)
+        self.to_device = ImagesToDevice(runtime.device, args.normalization)
         self.num_classes = self.dataset.num_classes
         if self.num_classes < runtime.world_size:
             raise InputError(

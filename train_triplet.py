@@ -208,7 +208,7 @@ class TripletTask(TrainingTask):
         self.online = args.triplet_selection in ONLINE_RULES
         csv_path = ensure_dataset_csv(args, runtime)
         transform = train_transform(args.image_size, normalize=False)  # normalised on the device
-        self.to_device = ImagesToDevice(runtime.device)
+        self.to_device = ImagesToDevice(runtime.device, args.normalization)
         images_per_step = (
             args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
         )

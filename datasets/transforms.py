@@ -2,7 +2,8 @@
 
 The training augmentation is the original's: Resize, RandomHorizontalFlip, RandomRotation(5), ToTensor,
 Normalize(0.5, 0.5); evaluation drops the two random steps. Resize is square here (the original's
-`Resize(int)` only matched the shorter side, so non-square inputs gave non-square tensors).
+`Resize(int)` only matched the shorter side, so non-square inputs gave non-square tensors). A run that starts
+from another checkpoint (``--init_from``) normalises with that checkpoint's mean and std (`mean_and_std`).
 
 Why PIL and not `torchvision.io.decode_image`: `benchmarks/bench_datasets.py` measures both on the LFW crops.
 torchvision's decoder is a little faster, but its tensors then need tensor rotation (`grid_sample` on floats),
@@ -23,6 +24,13 @@ from torchvision.transforms.v2 import functional as F
 
 FACE_MEAN = (0.5, 0.5, 0.5)
 FACE_STD = (0.5, 0.5, 0.5)
+
+
+def mean_and_std(normalization: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a checkpoint's ``{"mean": [...], "std": [...]}`` entry; FACE_MEAN, FACE_STD for None."""
+    if normalization is None:
+        return FACE_MEAN, FACE_STD
+    return tuple(map(float, normalization["mean"])), tuple(map(float, normalization["std"]))
 
 
 class ToNormalizedTensor(torch.nn.Module):

@@ -15,6 +15,7 @@ import torch
 
 from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 from errors import InputError
+from training.cli import was_given
 
 # a folder holding a run with other values of these is another run, never to be written into
 RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
@@ -30,14 +31,15 @@ def checkpoint_path(
     return output_dir / "checkpoints" / f"model_{model}_{task_name}_epoch_{epoch}{suffix}.pt"
 
 
-def latest_checkpoint(output_dir: Path, model: str, task_name: str) -> Path | None:
-    """The checkpoint of ``output_dir`` furthest into training (epoch, then step), or None.
+def latest_checkpoint(output_dir: Path, model: str | None, task_name: str) -> Path | None:
+    """The checkpoint of ``output_dir`` furthest into training (epoch, then step), or None (``model`` None:
+    of any architecture).
 
     Checkpoints are written atomically, so every file found is complete; each is opened memory-mapped to read
     its position, which costs next to nothing even for large files. An unreadable one is skipped.
     """
     best, best_position = None, None
-    for path in sorted((output_dir / "checkpoints").glob(f"model_{model}_{task_name}_epoch_*.pt")):
+    for path in sorted((output_dir / "checkpoints").glob(f"model_{model or '*'}_{task_name}_epoch_*.pt")):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             position = (int(state["epoch"]), int(state["step_in_epoch"]))
@@ -77,13 +79,29 @@ def load_resume_checkpoint(path: str, args: argparse.Namespace, task_name: str) 
         raise InputError(
             f"--resume_path {path}: a {checkpoint['task']} checkpoint cannot resume {task_name} training"
         )
-    for key, flag in (("model_architecture", "model"), ("embedding_dimension", "embedding_dim")):
-        if checkpoint[key] != getattr(args, flag):
+    adopt_resumed_settings(checkpoint, args)
+    return checkpoint
+
+
+def adopt_resumed_settings(checkpoint: dict, args: argparse.Namespace) -> None:
+    """A resumed run continues as it began: its model, embedding size and preprocessing (image size, mean,
+    std, alignment) and its --freeze_backbone_epochs come from the checkpoint, a flag given on the command line
+    that contradicts the first three is an InputError."""
+    for key, flag in (
+        ("model_architecture", "model"),
+        ("embedding_dimension", "embedding_dim"),
+        ("image_size", "image_size"),
+    ):
+        if was_given(args, flag) and checkpoint[key] != getattr(args, flag):
             raise InputError(
-                f"--resume_path {path}: the checkpoint has {key} {checkpoint[key]!r} "
+                f"--resume_path {args.resume_path}: the checkpoint has {key} {checkpoint[key]!r} "
                 f"but --{flag} is {getattr(args, flag)!r}"
             )
-    return checkpoint
+        setattr(args, flag, checkpoint[key])
+    args.normalization = {key: list(checkpoint["normalization"][key]) for key in ("mean", "std")}
+    args.alignment = checkpoint.get("alignment")
+    if not was_given(args, "freeze_backbone_epochs"):
+        args.freeze_backbone_epochs = int(checkpoint.get("args", {}).get("freeze_backbone_epochs") or 0)
 
 
 def default_output_dir(args: argparse.Namespace, task_name: str) -> Path:

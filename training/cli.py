@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from checkpoint_loading import PREPROCESS_PRESETS, preset_help
 from datasets.face_source import is_recordio
 from demo.make_demo_dataset import make_demo_dataset
 from devices import AMP_CHOICES
@@ -70,6 +71,9 @@ def base_parser(description: str, default_output_name: str) -> argparse.Argument
     _add_model_arguments(parser.add_argument_group("model"))
     _add_training_arguments(parser.add_argument_group("training"))
     _add_run_arguments(parser.add_argument_group("validation, output and resume"), default_output_name)
+    # not flags: the run's preprocessing, settled from what it starts from (training/finetune.py);
+    # None is the default normalisation (0.5, 0.5) and no known face alignment
+    parser.set_defaults(normalization=None, alignment=None)
     return parser
 
 
@@ -141,6 +145,27 @@ def _add_model_arguments(model) -> None:
     model.add_argument(
         "--no-pretrained", dest="pretrained", action="store_false", help="start from random weights"
     )
+    model.add_argument(
+        "--init_from",
+        type=str,
+        default=None,
+        metavar="CKPT",
+        help="start from the weights of a face checkpoint (this repository's, the original's 2019/2020/2021 "
+        "files, facenet-pytorch's InceptionResnetV1 state dict) with a fresh optimizer, epoch count and "
+        "output folder; --model, --embedding_dim and the preprocessing (--image_size, mean, std) come from it",
+    )
+    model.add_argument(
+        "--preprocess",
+        choices=tuple(PREPROCESS_PRESETS),
+        default=None,
+        help=f"with --init_from: {preset_help()}",
+    )
+    model.add_argument(
+        "--reinit_head",
+        action="store_true",
+        help="with --init_from: a new, randomly initialised embedding head at --embedding_dim (the backbone "
+        "keeps the checkpoint's weights)",
+    )
 
 
 def _add_training_arguments(train) -> None:
@@ -171,6 +196,14 @@ def _add_training_arguments(train) -> None:
         type=non_negative_float,
         default=0.0,
         help="raise the lr linearly from 0 over this many epochs (fractions allowed), per step",
+    )
+    train.add_argument(
+        "--freeze_backbone_epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --init_from or --pretrained: for the first N epochs train only the embedding head (and the "
+        "loss's own parameters); the backbone's weights and batch-norm statistics stay as they were",
     )
     train.add_argument(
         "--seed", type=int, default=0, help="seed for weights, triplets, sampling and augmentation"
@@ -227,6 +260,7 @@ def parse_args(
     if "--demo" in argv:
         parser.set_defaults(**{**DEMO_DEFAULTS, **demo_defaults})
     args = parser.parse_args(argv)
+    args.given_flags = given_flags(parser, argv)
     if not args.demo:
         missing = ["--dataroot/-d"] if not args.dataroot else []
         if not args.lfw and not args.val_targets:
@@ -234,6 +268,28 @@ def parse_args(
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args
+
+
+class _NothingDefaulted(argparse.Namespace):
+    """A namespace that answers every attribute it lacks, so argparse fills in no default: what is in it after
+    parsing was on the command line."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping (unrecognised arguments) stays absent
+            raise AttributeError(name)
+        return None
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The destinations of the options on the command line (abbreviated or not), sorted: what the user chose,
+    as opposed to a default that a checkpoint (--init_from, --resume_path) may decide instead."""
+    return sorted(vars(parser.parse_args(argv, namespace=_NothingDefaulted())))
+
+
+def was_given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether --``flag`` was on the command line; True when unknown (``args`` not made by `parse_args`)."""
+    given = getattr(args, "given_flags", None)
+    return given is None or flag in given
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -245,6 +301,7 @@ def check_common_args(args: argparse.Namespace) -> None:
             raise InputError("--resume_path auto needs --output_dir (the folder to look for checkpoints in)")
     elif args.resume_path is not None and not Path(args.resume_path).is_file():
         raise InputError(f"--resume_path {args.resume_path}: no such file")
+    check_init_args(args)
     if args.demo:
         return  # the demo's data is generated later, at known paths
     check_dataroot(args)
@@ -258,6 +315,30 @@ def check_common_args(args: argparse.Namespace) -> None:
     names = [Path(target).stem for target in args.val_targets]
     if len(set(names)) != len(names) or (args.lfw is not None and "lfw" in names):
         raise InputError(f"--val_targets: two targets share a name ({', '.join(names)}); rename one file")
+
+
+def check_init_args(args: argparse.Namespace) -> None:
+    """--init_from and the flags that go with it: what the starting weights may be combined with."""
+    if args.freeze_backbone_epochs < 0:
+        raise InputError(f"--freeze_backbone_epochs must be 0 or more, got {args.freeze_backbone_epochs}")
+    if args.init_from is None:
+        for flag, value in (("--preprocess", args.preprocess), ("--reinit_head", args.reinit_head)):
+            if value:
+                raise InputError(f"{flag} applies to the checkpoint of --init_from, and none is given")
+        if args.freeze_backbone_epochs and not args.pretrained and args.resume_path is None:
+            raise InputError(
+                "--freeze_backbone_epochs keeps starting weights fixed: give them with --init_from or --pretrained"
+            )
+        return
+    if args.resume_path not in (None, "auto"):
+        raise InputError(
+            "--init_from starts a new run from a checkpoint's weights and --resume_path continues a run: "
+            "give one of them"
+        )
+    if args.pretrained:
+        raise InputError("--init_from and --pretrained both choose the starting weights: give one of them")
+    if not Path(args.init_from).is_file():
+        raise InputError(f"--init_from {args.init_from}: no such file")
 
 
 def check_dataroot(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
-from datasets.transforms import ToNormalizedTensor
+from datasets.transforms import ToNormalizedTensor, mean_and_std
 from devices import usable_workers
 from training.runtime import Runtime, barrier, epoch_seed, log
 
@@ -96,11 +96,15 @@ def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch:
 
 class ImagesToDevice:
     """Workers send uint8 batches (pinned when the device is a GPU); here they are copied without blocking,
-    then converted and normalised on the device, channels_last. The same arithmetic as the CPU transform."""
+    then converted and normalised on the device, channels_last. The same arithmetic as the CPU transform.
 
-    def __init__(self, device: torch.device):
+    ``normalization`` is the run's ``{"mean": [...], "std": [...]}`` (``args.normalization``: that of the
+    checkpoint it starts from or resumes); None normalises with the default 0.5, 0.5.
+    """
+
+    def __init__(self, device: torch.device, normalization: dict | None = None):
         self.device = device
-        self.normalize = ToNormalizedTensor().to(device)
+        self.normalize = ToNormalizedTensor(*mean_and_std(normalization)).to(device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = self.normalize(images.to(self.device, non_blocking=True))

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import eval_metrics
-from datasets.transforms import FACE_MEAN, FACE_STD
+from datasets.transforms import mean_and_std
 from errors import InputError
 from fileio import save_torch_atomic, write_json_atomic
 from training.builders import LearningRateSchedule
@@ -35,8 +35,9 @@ from training.checkpoint import (
     latest_checkpoint,
     load_resume_checkpoint,
 )
-from training.cli import check_common_args, prepare_demo_data
+from training.cli import check_common_args, prepare_demo_data, was_given
 from training.coordination import RankFailed, agree_on_step, check_for_failure, raise_shared_failure
+from training.finetune import load_initial_weights, set_backbone_frozen, settle_run_settings
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
     Runtime,
@@ -139,6 +140,12 @@ class StopRequested:
         return 130 if self.signal_name == "SIGINT" else 143
 
 
+def normalization_entry(args: argparse.Namespace) -> dict:
+    """The checkpoint's ``normalization``: the run's mean and std (those of the checkpoint it started from)."""
+    mean, std = mean_and_std(args.normalization)
+    return {"mean": list(mean), "std": list(std)}
+
+
 def backward_and_step(
     task: TrainingTask, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None
 ) -> None:
@@ -167,7 +174,13 @@ class Trainer:
         self.step_module = task.step_module
         if self.runtime.distributed:
             device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            self.step_module = nn.parallel.DistributedDataParallel(task.step_module, device_ids=device_ids)
+            # a frozen backbone's parameters take no part in the backward pass: DDP must expect that
+            self.step_module = nn.parallel.DistributedDataParallel(
+                task.step_module,
+                device_ids=device_ids,
+                find_unused_parameters=self.args.freeze_backbone_epochs > 0,
+            )
+        self.backbone_frozen = False
         self.steps_per_epoch = task.steps_per_epoch()
         warmup_steps = round(getattr(self.args, "warmup_epochs", 0.0) * self.steps_per_epoch)
         self.schedule = LearningRateSchedule(
@@ -206,7 +219,7 @@ class Trainer:
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "task": task.name,
             "image_size": args.image_size,
-            "normalization": {"mean": list(FACE_MEAN), "std": list(FACE_STD)},
+            "normalization": normalization_entry(args),
             "args": {
                 key: value
                 for key, value in vars(args).items()
@@ -225,6 +238,8 @@ class Trainer:
             # epochs reseed from (seed, epoch); this state only continues an epoch interrupted mid-way
             "torch_rng_state": torch.get_rng_state(),
         }
+        if args.alignment is not None:  # how the training crops were made, when known
+            state["alignment"] = dict(args.alignment)
         return state
 
     def save(
@@ -289,6 +304,7 @@ class Trainer:
         totals = self.resumed_totals if start_step else EpochTotals()
         self.consecutive_nonfinite = 0
         self.step_module.train()
+        self.freeze_backbone(epoch < self.args.freeze_backbone_epochs)
         torch.manual_seed(epoch_seed(self.args.seed, epoch))
         if start_step and self.resume_rng_state is not None:
             torch.set_rng_state(self.resume_rng_state)
@@ -321,6 +337,19 @@ class Trainer:
                 self.save_periodic(epoch, step, totals)
         progress.close()
         return totals
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """--freeze_backbone_epochs: only the embedding head and the loss's own parameters train."""
+        if frozen or self.backbone_frozen:
+            set_backbone_frozen(self.task.model, self.args.model, frozen)
+        if frozen != self.backbone_frozen:
+            log.info(
+                f"the backbone is frozen for the first {self.args.freeze_backbone_epochs} epoch(s): only the "
+                "embedding head and the loss's parameters train"
+                if frozen
+                else "the backbone trains from now on"
+            )
+        self.backbone_frozen = frozen
 
     def train_step(self, epoch: int, step: int, batches, totals: EpochTotals, stop: StopRequested) -> None:
         """Load and forward a batch; agree with the other processes (one all-reduce); then, unless a loss
@@ -475,6 +504,7 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
     resume_checkpoint = (
         load_resume_checkpoint(args.resume_path, args, task_class.name) if args.resume_path else None
     )
+    init_source = settle_run_settings(args, resume_checkpoint)  # --init_from decides model and preprocessing
     output_dir, validator = prepare_output(
         args, runtime, task_class.name, resuming=resume_checkpoint is not None or auto_resume
     )
@@ -483,6 +513,8 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
         log.info(f"--resume_path auto: no checkpoint in {output_dir}; starting from scratch")
     seed_everything(args.seed)
     task = task_class(args, runtime)  # builds data, model and optimizers
+    if init_source is not None:
+        load_initial_weights(task.model, init_source, args)
     trainer = Trainer(task, output_dir, validator)
     if resume_checkpoint is not None:
         trainer.resume(resume_checkpoint)
@@ -507,7 +539,9 @@ def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: 
     """--resume_path auto: the newest complete checkpoint of --output_dir as rank 0 sees it, or None."""
     latest = [None]
     if runtime.is_main:
-        found = latest_checkpoint(Path(args.output_dir), args.model, task_name)
+        # the model named on the command line, or any (an --init_from run's is the checkpoint's)
+        model = args.model if was_given(args, "model") else None
+        found = latest_checkpoint(Path(args.output_dir), model, task_name)
         latest = [None if found is None else str(found)]
     if runtime.distributed:
         dist.broadcast_object_list(latest, src=0)

@@ -11,7 +11,7 @@ from torch import nn
 import eval_metrics
 import plots
 from datasets.lfw_dataset import LFWDataset
-from datasets.transforms import eval_transform
+from datasets.transforms import eval_transform, mean_and_std
 from datasets.verification_bin import VerificationBinDataset
 from devices import usable_workers
 from training.runtime import Runtime, log
@@ -20,7 +20,7 @@ from verification import evaluate_model_on_lfw
 
 def verification_targets(args: argparse.Namespace) -> dict[str, object]:
     """Name -> pairs dataset: ``lfw`` for the --lfw folder, then each --val_targets file by its stem."""
-    transform = eval_transform(args.image_size)
+    transform = eval_transform(args.image_size, *mean_and_std(args.normalization))
     targets: dict[str, object] = {}
     if args.lfw is not None:
         targets["lfw"] = LFWDataset(args.lfw, args.lfw_pairs, transform=transform)
