@@ -137,6 +137,19 @@ def selection_rule(margin: float, rule: str) -> Selector:
     return lambda anchor, positive, negative: triplet_selection_mask(anchor, positive, negative, margin, rule)
 
 
+def online_triplet_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, rule: str, margin: float, loss_fn: TripletLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online mining over a P x K batch: the mean loss over the triplets ``rule`` (batch_hard / batch_all)
+    picks among ``embeddings``, and their count (no device sync)."""
+    if rule == "batch_hard":
+        anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
+    else:
+        anchors, positives, negatives = batch_all_triplets(embeddings, labels, margin)
+    loss = loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
+    return loss, torch.tensor(float(anchors.numel()), device=embeddings.device)
+
+
 def masked_single_pass(
     step_module: nn.Module, images: torch.Tensor, select: Selector, loss_fn: TripletLoss
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,12 +298,9 @@ class TripletTask(TrainingTask):
             images, labels = batch
             embeddings = step_module(self.to_device(images))
             labels = labels.to(device, non_blocking=True)
-            if self.args.triplet_selection == "batch_hard":
-                anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
-            else:
-                anchors, positives, negatives = batch_all_triplets(embeddings, labels, self.args.margin)
-            loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
-            count = torch.tensor(float(anchors.numel()), device=device)
+            loss, count = online_triplet_loss(
+                embeddings, labels, self.args.triplet_selection, self.args.margin, self.loss_fn
+            )
         else:
             images = self.to_device(batch)  # anchors, positives, negatives: stacked by the workers
             select = selection_rule(self.args.margin, self.args.triplet_selection)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_triplet  # noqa: E402
 from devices import AMP_CHOICES, auto_amp, resolve_amp, resolve_device, usable_workers  # noqa: E402
-from losses import TripletLoss, batch_all_triplets  # noqa: E402
+from losses import TripletLoss  # noqa: E402
 from models import build_model  # noqa: E402
 from training.builders import build_optimizer  # noqa: E402
 from training.engine import backward_and_step  # noqa: E402
@@ -139,7 +139,7 @@ class DefaultStep:
         self.task = SimpleNamespace(optimizers=[self.optimizer], before_optimizer_step=lambda: None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.loss_fn = TripletLoss(defaults.margin)
-        self.margin = defaults.margin
+        self.rule, self.margin = defaults.triplet_selection, defaults.margin
 
     def __call__(self, batch):
         images, labels = batch
@@ -147,8 +147,7 @@ class DefaultStep:
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             embeddings = self.model(images)
-        anchors, positives, negatives = batch_all_triplets(embeddings, labels, self.margin)
-        loss = self.loss_fn(embeddings[anchors], embeddings[positives], embeddings[negatives])
+        loss, _ = train_triplet.online_triplet_loss(embeddings, labels, self.rule, self.margin, self.loss_fn)
         backward_and_step(self.task, loss, self.scaler)
         return loss.detach()
 
