@@ -113,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_batch_composition(args: argparse.Namespace) -> None:
-    """Fill in the defaults that depend on other flags: the selection rule, and P for online mining.
+    """Fill in the defaults that depend on other flags (the selection rule, P for online mining) and refuse the
+    combinations that contradict them, with a one-line InputError.
 
     Pre-generated triplets stay the rule of a run that names their flags, so the original's command
     lines keep their meaning; anything else mines online, P x K = --batch_size images a step.
@@ -121,6 +122,10 @@ def resolve_batch_composition(args: argparse.Namespace) -> None:
     if args.triplet_selection is None:
         pregenerated = args.training_triplets_path is not None or args.num_human_identities_per_batch
         args.triplet_selection = "hard" if pregenerated else "batch_all"
+    if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
+        raise InputError(
+            "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
+        )
     if args.triplet_selection in ONLINE_RULES and args.identities_per_batch is None:
         args.identities_per_batch = args.batch_size // args.images_per_identity
         if args.identities_per_batch < 2:
@@ -315,11 +320,7 @@ class TripletTask(TrainingTask):
 def main(argv: list[str] | None = None) -> int:
     def body(argv):
         args = parse_args(get_args_parser(), argv, DEMO_DEFAULTS)
-        resolve_batch_composition(args)
-        if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
-            raise InputError(
-                "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
-            )
+        resolve_batch_composition(args)  # its errors before any work
         return run_training(args, TripletTask)
 
     return run_script(body, argv)

@@ -378,6 +378,14 @@ def test_flags_of_pregenerated_triplets_keep_the_originals_hard_rule(argv):
     assert _resolved([*argv, "--triplet_selection", "semihard"]).triplet_selection == "semihard"
 
 
+def test_saved_triplets_with_online_mining_are_a_one_line_error(tiny_demo_data, tmp_path, capsys):
+    argv = [*common_args(tiny_demo_data, tmp_path / "run"), "--training_triplets_path", "t.npy"]
+    assert run_main([*argv, "--triplet_selection", "batch_all"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--training_triplets_path needs pre-generated triplets" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_too_small_for_two_identities_is_a_one_line_error(tiny_demo_data, tmp_path, capsys):
     argv = [*common_args(tiny_demo_data, tmp_path / "run"), "--batch_size", "6", "--images_per_identity", "4"]
     assert run_main(argv) == 2
