@@ -23,7 +23,7 @@ from datasets.labelled_faces import LabelledFaceDataset
 from datasets.transforms import train_transform
 from errors import InputError
 from losses import CenterLoss
-from training.builders import build_embedding_model, build_optimizer
+from training.builders import build_embedding_model, build_optimizer, load_optimizer_state
 from training.cli import base_parser, parse_args, positive_float, run_script
 from training.data import ImagesToDevice, ensure_dataset_csv, shuffled_batches, shuffled_steps
 from training.engine import StepOutput, TrainingTask, run_training
@@ -137,7 +137,7 @@ class CenterTask(TrainingTask):
                 f"--resume_path: the checkpoint was trained on {checkpoint['num_classes']} identities, "
                 f"the dataset has {self.num_classes}"
             )
-        self.optimizers[1].load_state_dict(checkpoint["optimizer_centerloss_state_dict"])
+        load_optimizer_state(self.optimizers[1], checkpoint["optimizer_centerloss_state_dict"])
         self.center_loss.load_state_dict(checkpoint["center_loss_state_dict"])
 
 

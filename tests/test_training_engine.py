@@ -16,6 +16,7 @@ import train_triplet
 from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
+from training.builders import build_optimizer, load_optimizer_state
 from training.data import ShardSampler, SkipBatches
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
@@ -253,3 +254,32 @@ def test_data_workers_give_a_reproducible_run(tiny_demo_data, tmp_path):
         weights.append(final_checkpoint(tmp_path / name, "triplet", 1)["model_state_dict"])
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_fused_optimizer_steps_as_the_default_kernel_and_keeps_its_kernel_on_resume(name):
+    """build_optimizer picks torch's fused kernel on the CPU (torch >= 2.4 has it); the oracle is the same
+    optimizer with torch's default kernel, over a few steps of real gradients."""
+    torch.manual_seed(0)
+    fused_model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    plain_model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(name, fused_model.parameters(), lr=1e-2, weight_decay=1e-4)
+    plain_class = type(fused)
+    options = {"momentum": 0.9} if name == "sgd" else {}
+    plain = plain_class(plain_model.parameters(), lr=1e-2, weight_decay=1e-4, **options)
+    assert fused.param_groups[0]["fused"] is True
+    for _ in range(5):
+        inputs = torch.randn(8, 12)
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a checkpoint written by the default kernel does not switch the fused one off, and vice versa
+    load_optimizer_state(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    load_optimizer_state(plain, fused.state_dict())
+    assert not plain.param_groups[0]["fused"]
+    torch.testing.assert_close(fused.state_dict()["state"][0], plain.state_dict()["state"][0], rtol=0, atol=0)

@@ -19,9 +19,16 @@ LR_SCHEDULES = ("constant", "cosine", "poly")
 def build_optimizer(
     name: str, parameters: Iterable[nn.Parameter], lr: float, weight_decay: float = 1e-5
 ) -> torch.optim.Optimizer:
-    """The original repository's four optimizers with its settings (its weight decay was 1e-5), and AdamW."""
+    """The original repository's four optimizers with its settings (its weight decay was 1e-5), and AdamW.
+
+    SGD, Adam and AdamW use torch's fused kernel (one pass over all parameters) where this torch has it for
+    the parameters' device (CPU since torch 2.4, CUDA); it saves about 1% of a ResNet-34 step on the CPU
+    and updates the weights as the default kernel does, up to rounding. Adagrad keeps the original's kernel.
+    """
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return _fused_if_supported(
+            torch.optim.SGD, parameters, lr=lr, momentum=0.9, weight_decay=weight_decay
+        )
     if name == "adagrad":
         return torch.optim.Adagrad(
             parameters, lr=lr, initial_accumulator_value=0.1, weight_decay=weight_decay
@@ -29,10 +36,34 @@ def build_optimizer(
     if name == "rmsprop":
         return torch.optim.RMSprop(parameters, lr=lr, alpha=0.99, eps=1e-8, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+        return _fused_if_supported(torch.optim.Adam, parameters, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        return _fused_if_supported(torch.optim.AdamW, parameters, lr=lr, weight_decay=weight_decay)
     raise InputError(f"--optimizer {name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _fused_if_supported(optimizer_class, parameters, **options) -> torch.optim.Optimizer:
+    parameters = list(parameters)
+    try:
+        return optimizer_class(parameters, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return optimizer_class(parameters, **options)
+
+
+KERNEL_OPTIONS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the kernel this process chose (fused or not).
+
+    torch restores every param-group option from the file, kernel flags included, so a checkpoint written
+    where the fused kernel exists would ask for it where it does not (and one written without it would
+    switch it off).
+    """
+    chosen = [{key: group[key] for key in KERNEL_OPTIONS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(kernel)
 
 
 def build_embedding_model(

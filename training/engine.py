@@ -25,7 +25,7 @@ import eval_metrics
 from datasets.transforms import mean_and_std
 from errors import InputError
 from fileio import save_torch_atomic, write_json_atomic
-from training.builders import LearningRateSchedule
+from training.builders import LearningRateSchedule, load_optimizer_state
 from training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     check_resume_position,
@@ -284,7 +284,7 @@ class Trainer:
         task = self.task
         check_resume_position(checkpoint, self.args, self.runtime)
         task.model.load_state_dict(checkpoint["model_state_dict"])
-        task.optimizers[0].load_state_dict(checkpoint["optimizer_model_state_dict"])
+        load_optimizer_state(task.optimizers[0], checkpoint["optimizer_model_state_dict"])
         self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
         task.load_checkpoint_extras(checkpoint)
         self.best_distance_threshold = checkpoint["best_distance_threshold"]
