@@ -33,6 +33,12 @@ def mean_and_std(normalization: dict | None) -> tuple[tuple[float, ...], tuple[f
     return tuple(map(float, normalization["mean"])), tuple(map(float, normalization["std"]))
 
 
+def normalization_entry(mean, std) -> dict:
+    """The ``{"mean": [...], "std": [...]}`` entry of checkpoints and ``args.normalization``; `mean_and_std`
+    reads it back."""
+    return {"mean": [float(value) for value in mean], "std": [float(value) for value in std]}
+
+
 class ToNormalizedTensor(torch.nn.Module):
     """PIL image or uint8 CHW tensor -> float32 CHW tensor, equal to `ToTensor()` then `Normalize(mean, std)`."""
 

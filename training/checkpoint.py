@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
+from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError
 from training.cli import was_given
 
@@ -98,7 +99,7 @@ def adopt_resumed_settings(checkpoint: dict, args: argparse.Namespace) -> None:
                 f"but --{flag} is {getattr(args, flag)!r}"
             )
         setattr(args, flag, checkpoint[key])
-    args.normalization = {key: list(checkpoint["normalization"][key]) for key in ("mean", "std")}
+    args.normalization = normalization_entry(*mean_and_std(checkpoint["normalization"]))
     args.alignment = checkpoint.get("alignment")
     if not was_given(args, "freeze_backbone_epochs"):
         args.freeze_backbone_epochs = int(checkpoint.get("args", {}).get("freeze_backbone_epochs") or 0)

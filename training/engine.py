@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import eval_metrics
-from datasets.transforms import mean_and_std
+from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError
 from fileio import save_torch_atomic, write_json_atomic
 from training.builders import LearningRateSchedule, load_optimizer_state
@@ -140,12 +140,6 @@ class StopRequested:
         return 130 if self.signal_name == "SIGINT" else 143
 
 
-def normalization_entry(args: argparse.Namespace) -> dict:
-    """The checkpoint's ``normalization``: the run's mean and std (those of the checkpoint it started from)."""
-    mean, std = mean_and_std(args.normalization)
-    return {"mean": list(mean), "std": list(std)}
-
-
 def backward_and_step(
     task: TrainingTask, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None
 ) -> None:
@@ -219,7 +213,8 @@ class Trainer:
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "task": task.name,
             "image_size": args.image_size,
-            "normalization": normalization_entry(args),
+            # the run's mean and std: those of the checkpoint it started from, or the default
+            "normalization": normalization_entry(*mean_and_std(args.normalization)),
             "args": {
                 key: value
                 for key, value in vars(args).items()

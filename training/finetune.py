@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from checkpoint_loading import LoadedModel, load_for_training
+from datasets.transforms import normalization_entry
 from errors import InputError
 from models import default_preprocessing
 from training.cli import was_given
@@ -73,7 +74,7 @@ def settle_run_settings(args: argparse.Namespace, resumed: dict | None) -> Loade
     else:
         preprocessing = default_preprocessing(args.model)
         if preprocessing is not None:
-            args.normalization = {"mean": list(preprocessing.mean), "std": list(preprocessing.std)}
+            args.normalization = normalization_entry(preprocessing.mean, preprocessing.std)
     args.alignment = dataroot_alignment(args.dataroot) or args.alignment
     return source
 
@@ -102,7 +103,7 @@ def adopt_source_settings(args: argparse.Namespace, source: LoadedModel) -> None
     if not (new_head and was_given(args, "embedding_dim")):
         args.embedding_dim = source.embedding_dim
     args.image_size = source.image_size
-    args.normalization = {"mean": list(source.mean), "std": list(source.std)}
+    args.normalization = normalization_entry(source.mean, source.std)
     args.alignment = source.alignment.as_dict() if source.alignment_stored else None
 
 
