@@ -23,7 +23,9 @@ class CenterLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of the squared distance of each feature to its class center."""
-        centers = self.centers[labels].to(features.dtype)
+        # index_select, not indexing: its backward adds the repeated labels' gradients in a fixed order on
+        # the CPU, so a seeded run repeats exactly (indexing's backward accumulates them in parallel)
+        centers = self.centers.index_select(0, labels).to(features.dtype)
         return (features - centers).pow(2).sum(dim=1).mean()
 
     def extra_repr(self) -> str:

@@ -210,3 +210,27 @@ def test_masked_loss_with_nothing_selected_is_zero_with_gradients():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(anchor.grad, torch.zeros_like(anchor))
+
+
+def test_online_triplet_loss_and_center_loss_gradients_repeat_bit_for_bit():
+    """A seeded run repeats exactly only if each backward does: the many triplets (and repeated labels) that
+    share an embedding (a center) must have their gradients added in a fixed order, on any thread count."""
+    import train_triplet
+
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(128, 64), dim=1)
+    labels = torch.arange(32).repeat_interleave(4)
+    centers = CenterLoss(32, 64)
+
+    def gradients():
+        leaf = embeddings.clone().requires_grad_(True)
+        centers.zero_grad()
+        loss, count = train_triplet.online_triplet_loss(leaf, labels, "batch_all", 0.5, TripletLoss(0.5))
+        (loss + centers(leaf, labels)).backward()
+        assert count > 1000  # each embedding takes part in dozens of triplets
+        return leaf.grad.clone(), centers.centers.grad.clone()
+
+    first = gradients()
+    for _ in range(5):
+        again = gradients()
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
