@@ -35,6 +35,7 @@ from training.data import (
     SkipBatches,
     ensure_dataset_csv,
     make_loader,
+    shard_length,
     stack_triplets,
 )
 from training.engine import StepOutput, TrainingTask, run_training
@@ -253,7 +254,8 @@ class TripletTask(TrainingTask):
                 raise InputError(
                     f"{len(self.dataset)} triplets are fewer than the {runtime.world_size} processes"
                 )
-            self.num_steps = math.ceil((len(self.dataset) // runtime.world_size) / args.batch_size)
+            share = shard_length(len(self.dataset), runtime.world_size, block=args.batch_size)
+            self.num_steps = math.ceil(share / args.batch_size)
         self.model = build_embedding_model(args, runtime.device)
         self.step_module = self.model
         self.optimizers = [
@@ -288,7 +290,11 @@ class TripletTask(TrainingTask):
             # new random triplets every epoch, reproducible from (seed, epoch)
             self.dataset.set_epoch(epoch)
         sampler = ShardSampler(
-            len(self.dataset), runtime.rank, runtime.world_size, start=start_step * args.batch_size
+            len(self.dataset),
+            runtime.rank,
+            runtime.world_size,
+            start=start_step * args.batch_size,
+            block=args.batch_size,  # the triplets of a batch come from --num_human_identities_per_batch people
         )
         return make_loader(
             self.dataset,

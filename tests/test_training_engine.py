@@ -6,6 +6,7 @@ import os
 import signal
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 import train_center
 import train_margin
 import train_triplet
+from datasets.triplet_dataset import generate_triplets
 from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
@@ -47,6 +49,29 @@ def test_shard_sampler_shares_are_disjoint_equal_and_cover_the_epoch(shuffle):
         assert union != sorted(union)
     else:
         assert union == list(range(21))
+
+
+def test_shard_sampler_keeps_blocks_of_pregenerated_triplets_in_one_batch():
+    # generate_triplets draws each block of batch_size triplets from P people; under DDP every process's
+    # batches must still be such blocks (a share starting mid-block would mix 2P people into each batch)
+    labels = np.repeat(np.arange(200), 5)
+    batch_size, people = 64, 4
+    triplets = generate_triplets(
+        labels, 1000, np.random.default_rng(0), num_human_identities_per_batch=people, batch_size=batch_size
+    )
+    for world_size in (1, 2, 3):
+        shares = [
+            list(ShardSampler(len(triplets), rank, world_size, block=batch_size))
+            for rank in range(world_size)
+        ]
+        assert len({len(share) for share in shares}) == 1
+        assert len(set().union(*shares)) == sum(len(share) for share in shares)  # disjoint
+        for share in shares:
+            batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+            assert all(len(set(labels[triplets[batch][:, [0, 2]].ravel()])) <= people for batch in batches)
+    assert len(ShardSampler(1000, 0, 1, block=batch_size)) == 1000  # one process: the short last block runs
+    assert len(ShardSampler(1000, 1, 2, block=batch_size)) == 448  # 500 rounded down to whole blocks
+    assert len(ShardSampler(100, 1, 2, block=64)) == 50  # a share smaller than a block is kept whole
 
 
 def test_shard_sampler_starts_mid_share():

@@ -34,19 +34,38 @@ def ensure_dataset_csv(args: argparse.Namespace, runtime: Runtime) -> str | None
     return str(csv_path)
 
 
+def shard_length(num_items: int, world_size: int, block: int = 1) -> int:
+    """Items in each process's share: ``num_items // world_size``, and with several processes rounded down to
+    whole blocks (when a share holds one), so that every share starts at a multiple of ``block``."""
+    share = num_items // world_size
+    if world_size > 1 and share >= block:
+        share -= share % block
+    return share
+
+
 class ShardSampler(Sampler[int]):
     """This process's share of ``range(num_items)`` for one epoch, from item ``start`` of the share on.
 
-    Shares are contiguous and of equal length (the remainder of ``num_items / world_size`` is dropped),
-    so every process runs the same number of steps and blocks of consecutive items (triplets drawn from a
-    few identities per batch) stay together. With ``shuffle`` the order is a permutation drawn from
-    ``seed`` alone, the same on every process.
+    Shares are contiguous and of equal length (``shard_length``: what does not divide evenly is dropped),
+    so every process runs the same number of steps. With ``block`` (the batch size) every share starts at
+    a multiple of it, so blocks of consecutive items (triplets drawn from a few identities per batch) stay
+    in one batch on every process. With ``shuffle`` the order is a permutation drawn from ``seed`` alone,
+    the same on every process.
     """
 
-    def __init__(self, num_items: int, rank: int, world_size: int, start: int = 0, shuffle=False, seed=0):
+    def __init__(
+        self,
+        num_items: int,
+        rank: int,
+        world_size: int,
+        start: int = 0,
+        shuffle=False,
+        seed=0,
+        block: int = 1,
+    ):
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
         self.start, self.shuffle, self.seed = start, shuffle, seed
-        self.share = num_items // world_size
+        self.share = shard_length(num_items, world_size, block)
 
     def __iter__(self):
         if self.shuffle:
