@@ -28,10 +28,12 @@ def paired_distances(x: torch.Tensor, y: torch.Tensor, squared: bool = False) ->
 
 
 def distance_matrix(embeddings: torch.Tensor, squared: bool = False) -> torch.Tensor:
-    """All pairwise Euclidean distances of a batch, (N, N), in fp32."""
+    """All pairwise Euclidean distances of a batch, (N, N), in fp32, also under autocast (which would run the
+    Gram product in bf16 / fp16 and let rounding change which triplets are mined)."""
     embeddings = embeddings.float()
     squared_norms = embeddings.pow(2).sum(dim=1)
-    gram = embeddings @ embeddings.t()
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        gram = embeddings @ embeddings.t()
     squared_distances = (squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram).clamp_min(0.0)
     squared_distances.fill_diagonal_(0.0)
     return squared_distances if squared else squared_distances.sqrt()

@@ -107,6 +107,25 @@ def test_distance_matrix_matches_cdist(squared):
     torch.testing.assert_close(distance_matrix(embeddings, squared).double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_distance_matrix_and_mining_stay_fp32_under_autocast():
+    # the trainers mine inside torch.autocast; a bf16 Gram product would move distances by ~1e-3 and
+    # change which pairs batch-hard picks and which triplets batch-all keeps
+    embeddings = F.normalize(torch.randn(128, 128, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(32).repeat_interleave(4)
+    expected = distance_matrix(embeddings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = distance_matrix(embeddings)
+        hard = batch_hard_triplets(embeddings, labels)
+        every = batch_all_triplets(embeddings, labels, 0.2)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, atol=1e-6, rtol=1e-6)
+    for mined, reference in (
+        (hard, batch_hard_triplets(embeddings, labels)),
+        (every, batch_all_triplets(embeddings, labels, 0.2)),
+    ):
+        assert all(torch.equal(a, b) for a, b in zip(mined, reference, strict=True))
+
+
 def test_batch_hard_matches_brute_force():
     embeddings, labels = pk_batch()
     labels[-1] = 99  # a singleton identity: never an anchor, but a negative for everyone else
