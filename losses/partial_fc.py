@@ -391,9 +391,9 @@ class CosineClassifier(nn.Module):
         self.weight.copy_(state["weight"][self.class_start : self.class_stop])
         self.sample_step = int(state["sample_step"])
         if optimizer is not None and "optimizer" in state:
+            # the momentum buffer comes from the file; lr, momentum and weight decay stay as the optimizer was
+            # built (from the resumed run's flags: the checkpoint's unless changed on the command line)
             saved = state["optimizer"]
-            for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
-                group.update(saved_group)
             optimizer.state.clear()
             if saved["momentum_buffer"] is not None:
                 buffer = saved["momentum_buffer"][self.class_start : self.class_stop]

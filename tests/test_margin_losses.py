@@ -512,7 +512,7 @@ def _checkpoint_worker(rank, out_dir):
     """Load a checkpoint written by one process, train a step on the global batch, gather a checkpoint."""
     state = torch.load(os.path.join(out_dir, "one_process.pt"), weights_only=True)
     classifier = CosineClassifier(7, 5, margin=ARCFACE).double()
-    optimizer = PartialSGD(classifier, lr=1.0, momentum=0.9, weight_decay=5e-4)
+    optimizer = PartialSGD(classifier, **CHECKPOINT_HYPER)  # built from the same flags, as a resumed run is
     classifier.load_full_state_dict(state, optimizer)
     loaded = (
         classifier.weight.detach().clone(),
@@ -545,7 +545,7 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
     state = classifier.full_state_dict(optimizer)
     torch.save(state, tmp_path / "one_process.pt")
     run_on_gloo(_checkpoint_worker, str(tmp_path))
-    # each rank loaded its rows of the full weight and momentum, and the learning rate
+    # each rank loaded its rows of the full weight and momentum, and kept its learning rate
     for r in range(2):
         saved = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         start, stop = saved["shard"]
@@ -569,7 +569,8 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
     )
     # and the gathered checkpoint loads back into one process
     resumed = make_classifier(7, seed=5)
-    resumed_optimizer = PartialSGD(resumed, lr=1.0)
+    resumed_optimizer = PartialSGD(resumed, lr=1.0, momentum=0.9)  # a new --lr on resume
     resumed.load_full_state_dict(two, resumed_optimizer)
     assert torch.equal(resumed.weight.detach(), two["weight"])
-    assert resumed_optimizer.param_groups[0]["momentum"] == 0.9
+    assert torch.equal(resumed_optimizer.momentum_buffer(), two["optimizer"]["momentum_buffer"])
+    assert resumed_optimizer.param_groups[0]["lr"] == 1.0  # the options stay as built

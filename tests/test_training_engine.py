@@ -157,6 +157,25 @@ def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tm
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_weights_that_became_nonfinite_with_a_finite_loss_end_the_run_unsaved(
+    tiny_demo_data, tmp_path, monkeypatch, capsys
+):
+    """Batch norm trains on batch statistics, so a NaN running mean leaves the loss finite; the epoch's end
+    must catch it before validation (which would blame its input) and before writing a useless checkpoint."""
+    real_step = train_triplet.TripletTask.step
+
+    def poisoning_step(self, step_module, batch):
+        self.model.model.bn1.running_mean.fill_(float("nan"))
+        return real_step(self, step_module, batch)
+
+    monkeypatch.setattr(train_triplet.TripletTask, "step", poisoning_step)
+    args = [*common_args(tiny_demo_data, tmp_path / "run"), "--num_triplets_train", "24", "--batch_size", "8"]
+    assert train_triplet.main([str(a) for a in args + ["--epochs", "1"]]) == 3
+    out = capsys.readouterr().out
+    assert "after epoch 1 the model's weights are not finite" in out and "lower --lr" in out
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
 def test_a_bf16_autocast_step_on_the_cpu_is_close_to_fp32():
     """The real triplet step under the autocast the trainer uses: loss and gradients close to fp32's."""
     torch.manual_seed(0)
@@ -261,6 +280,45 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path,
         "poly": [base * (1 - (2 - 2) / 4) ** 2, base * (1 - (5 - 2) / 4) ** 2],
     }[schedule]
     assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
+
+
+def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data, tmp_path, capsys):
+    """`--resume_path X` with only the data paths continues the run as it began (optimizer, lr, margin, seed,
+    batch: not this script's defaults); a flag given on the command line changes it; another optimizer is
+    refused (its state would not fit)."""
+    output_dir = tmp_path / "run"
+    recipe = ["--optimizer", "sgd", "--lr", "0.01", "--margin", "0.5", "--num_triplets_train", "24",
+              "--batch_size", "8", "--lr_schedule", "constant"]  # fmt: skip
+    assert (
+        train_triplet.main(
+            [str(a) for a in common_args(tiny_demo_data, output_dir)] + recipe + ["--epochs", "1"]
+        )
+        == 0
+    )
+    places = ["--dataroot", tiny_demo_data.train_dir, "--lfw", tiny_demo_data.lfw_dir, "--lfw_pairs",
+              tiny_demo_data.pairs_path, "--num_workers", "0", "--lfw_batch_size", "32"]  # fmt: skip
+
+    def resume(epoch, *more):
+        path = output_dir / "checkpoints" / f"model_resnet18_triplet_epoch_{epoch}.pt"
+        return train_triplet.main([str(a) for a in [*places, "--resume_path", path, *more]])
+
+    assert resume(1, "--epochs", "2") == 0
+    second = final_checkpoint(output_dir, "triplet", 2)
+    for flag, value in {"optimizer": "sgd", "lr": 0.01, "margin": 0.5, "seed": 3, "batch_size": 8,
+                        "num_triplets_train": 24, "embedding_dim": 16, "image_size": 32}.items():  # fmt: skip
+        assert second["args"][flag] == value, flag
+    assert [group["lr"] for group in second["optimizer_model_state_dict"]["param_groups"]] == [0.01]
+    assert "momentum_buffer" in next(iter(second["optimizer_model_state_dict"]["state"].values()))
+
+    assert resume(2, "--epochs", "3", "--lr", "0.005") == 0
+    third = final_checkpoint(output_dir, "triplet", 3)
+    assert third["args"]["lr"] == 0.005 and third["args"]["optimizer"] == "sgd"
+    assert [group["lr"] for group in third["optimizer_model_state_dict"]["param_groups"]] == [0.005]
+    assert "--lr 0.01 -> 0.005" in (output_dir / "train.log").read_text()
+
+    capsys.readouterr()
+    assert resume(3, "--epochs", "4", "--optimizer", "adam") == 2
+    assert "trains with --optimizer sgd, not adam" in capsys.readouterr().err
 
 
 def test_data_workers_give_a_reproducible_run(tiny_demo_data, tmp_path):

@@ -50,20 +50,21 @@ def _fused_if_supported(optimizer_class, parameters, **options) -> torch.optim.O
         return optimizer_class(parameters, **options)
 
 
-KERNEL_OPTIONS = ("fused", "foreach")
-
-
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict(state)``, keeping the kernel this process chose (fused or not).
+    """``optimizer.load_state_dict(state)`` for its moments and step counts, keeping every option of its param
+    groups (lr, weight decay, betas, the kernel: fused or not) as this process built them.
 
-    torch restores every param-group option from the file, kernel flags included, so a checkpoint written
-    where the fused kernel exists would ask for it where it does not (and one written without it would
-    switch it off).
+    torch restores the options from the file too. The optimizer was built from the resumed run's flags, which
+    are the checkpoint's unless changed on the command line (`training.checkpoint.adopt_resumed_settings`), so
+    a new --lr takes effect; and a checkpoint written where the fused kernel exists does not ask for it where
+    it does not (nor one written without it switch it off).
     """
-    chosen = [{key: group[key] for key in KERNEL_OPTIONS if key in group} for group in optimizer.param_groups]
+    built = [
+        {key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups
+    ]
     optimizer.load_state_dict(state)
-    for group, kernel in zip(optimizer.param_groups, chosen, strict=True):
-        group.update(kernel)
+    for group, options in zip(optimizer.param_groups, built, strict=True):
+        group.update(options)
 
 
 def build_embedding_model(

@@ -84,10 +84,34 @@ def load_resume_checkpoint(path: str, args: argparse.Namespace, task_name: str) 
     return checkpoint
 
 
+def is_plain_flag_value(value) -> bool:
+    """A flag value a checkpoint records: a number, string, bool or None, or a list of them."""
+    if isinstance(value, (list, tuple)):
+        return all(is_plain_flag_value(item) and not isinstance(item, (list, tuple)) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+# How a run learns. A resumed run keeps the checkpoint's value of each flag the command line does not give,
+# so `--resume_path X` alone continues the run as it began (a flag given on the command line wins: a new
+# --lr or more --epochs take effect; the optimizer itself cannot change, its state would not fit)
+RESUMED_RECIPE = (
+    "epochs", "seed", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
+    "freeze_backbone_epochs",
+    # train_triplet.py
+    "triplet_selection", "margin", "identities_per_batch", "images_per_identity", "num_triplets_train",
+    "num_human_identities_per_batch", "selection_pass",
+    # train_center.py
+    "center_loss_lr", "center_loss_weight", "logit_scale",
+    # train_margin.py
+    "loss", "margin_scale", "margins", "sample_rate", "classifier_lr_scale",
+)  # fmt: skip
+
+
 def adopt_resumed_settings(checkpoint: dict, args: argparse.Namespace) -> None:
     """A resumed run continues as it began: its model, embedding size and preprocessing (image size, mean,
-    std, alignment) and its --freeze_backbone_epochs come from the checkpoint, a flag given on the command line
-    that contradicts the first three is an InputError."""
+    std, alignment) come from the checkpoint, and a flag given on the command line that contradicts them is
+    an InputError; so does another --optimizer. Every other flag of RESUMED_RECIPE not on the command line
+    takes the checkpoint's value."""
     for key, flag in (
         ("model_architecture", "model"),
         ("embedding_dimension", "embedding_dim"),
@@ -101,8 +125,31 @@ def adopt_resumed_settings(checkpoint: dict, args: argparse.Namespace) -> None:
         setattr(args, flag, checkpoint[key])
     args.normalization = normalization_entry(*mean_and_std(checkpoint["normalization"]))
     args.alignment = checkpoint.get("alignment")
-    if not was_given(args, "freeze_backbone_epochs"):
-        args.freeze_backbone_epochs = int(checkpoint.get("args", {}).get("freeze_backbone_epochs") or 0)
+    saved = checkpoint.get("args", {})
+    if was_given(args, "optimizer") and saved.get("optimizer", args.optimizer) != args.optimizer:
+        raise InputError(
+            f"--resume_path {args.resume_path}: the run trains with --optimizer {saved['optimizer']}, "
+            f"not {args.optimizer} (its state would not fit); start a new run with --init_from instead"
+        )
+    # P of a P x K batch follows a new --batch_size or --images_per_identity unless given itself
+    derived = (
+        {"identities_per_batch"}
+        if any(was_given(args, f) for f in ("batch_size", "images_per_identity"))
+        else set()
+    )
+    for flag in RESUMED_RECIPE:
+        if flag in saved and hasattr(args, flag) and not was_given(args, flag) and flag not in derived:
+            setattr(args, flag, saved[flag])
+
+
+def resumed_changes(checkpoint: dict, args: argparse.Namespace) -> list[str]:
+    """The recipe flags whose value this resumed run changes, as ``--flag old -> new``."""
+    saved = checkpoint.get("args", {})
+    return [
+        f"--{flag} {saved[flag]} -> {getattr(args, flag)}"
+        for flag in RESUMED_RECIPE
+        if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag)
+    ]
 
 
 def default_output_dir(args: argparse.Namespace, task_name: str) -> Path:

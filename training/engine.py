@@ -9,6 +9,7 @@ after the epoch, the LFW validator, the CSV log, the plots and a checkpoint.
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 import time
@@ -32,8 +33,10 @@ from training.checkpoint import (
     checkpoint_path,
     claim_output_dir,
     default_output_dir,
+    is_plain_flag_value,
     latest_checkpoint,
     load_resume_checkpoint,
+    resumed_changes,
 )
 from training.cli import check_common_args, prepare_demo_data, was_given
 from training.coordination import RankFailed, agree_on_step, check_for_failure, raise_shared_failure
@@ -215,11 +218,7 @@ class Trainer:
             "image_size": args.image_size,
             # the run's mean and std: those of the checkpoint it started from, or the default
             "normalization": normalization_entry(*mean_and_std(args.normalization)),
-            "args": {
-                key: value
-                for key, value in vars(args).items()
-                if value is None or isinstance(value, (str, int, float, bool))
-            },
+            "args": {key: value for key, value in vars(args).items() if is_plain_flag_value(value)},
             "scheduler_state_dict": self.schedule.state_dict(),
             "grad_scaler_state_dict": self.scaler.state_dict(),
             "step_in_epoch": step_in_epoch,
@@ -290,6 +289,9 @@ class Trainer:
         self.resume_rng_state = checkpoint["torch_rng_state"]
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.start_step + 1}" if self.start_step else "")
         log.info(f"resumed from {self.args.resume_path}: continuing at {where} of {self.args.epochs}")
+        changes = resumed_changes(checkpoint, self.args)
+        if changes:
+            log.info(f"changed on the command line: {', '.join(changes)}")
 
     # ----- training
 
@@ -405,6 +407,7 @@ class Trainer:
         self.history.epochs.append(completed)
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
+        self.check_finite_state(completed)
         error = None
         if self.runtime.is_main:
             try:
@@ -420,6 +423,16 @@ class Trainer:
                 error = caught
         check_for_failure(error, self.runtime)
         self.save(completed)
+
+    def check_finite_state(self, completed: int) -> None:
+        """Weights or batch-norm statistics that are not finite (a finite loss can still come with an inf
+        gradient) end the run before they are validated or saved; every process holds the same ones."""
+        state = itertools.chain(self.task.model.parameters(), self.task.model.buffers())
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in state if tensor.is_floating_point()):
+            raise TrainingDiverged(
+                f"stopping: after epoch {completed} the model's weights are not finite, so this epoch is not "
+                "saved; resume from the last checkpoint with a lower --lr, or try --amp off"
+            )
 
     def validate(self, completed: int) -> dict[str, float]:
         """Run the validator; remember accuracies and the primary target's threshold; return the log row's
