@@ -30,6 +30,7 @@ from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, parse_args, positive_float, positive_int, run_script
 from training.data import (
+    DistinctRepeats,
     ImagesToDevice,
     ShardSampler,
     SkipBatches,
@@ -284,7 +285,7 @@ class TripletTask(TrainingTask):
                 args,
                 runtime,
                 epoch,
-                batch_sampler=SkipBatches(sampler, start_step),
+                batch_sampler=SkipBatches(DistinctRepeats(sampler), start_step),
             )
         if args.training_triplets_path is None and epoch > 0:
             # new random triplets every epoch, reproducible from (seed, epoch)

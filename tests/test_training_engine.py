@@ -14,12 +14,13 @@ from torch import nn
 import train_center
 import train_margin
 import train_triplet
+from datasets.samplers import PKBatchSampler
 from datasets.triplet_dataset import generate_triplets
 from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
 from training.builders import build_optimizer, load_optimizer_state
-from training.data import ShardSampler, SkipBatches
+from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
     StepOutput,
@@ -72,6 +73,33 @@ def test_shard_sampler_keeps_blocks_of_pregenerated_triplets_in_one_batch():
     assert len(ShardSampler(1000, 0, 1, block=batch_size)) == 1000  # one process: the short last block runs
     assert len(ShardSampler(1000, 1, 2, block=batch_size)) == 448  # 500 rounded down to whole blocks
     assert len(ShardSampler(100, 1, 2, block=64)) == 50  # a share smaller than a block is kept whole
+
+
+def test_repeats_within_a_p_x_k_batch_get_their_own_augmentation():
+    """Identities with fewer than K images repeat them in a batch; each repeat must be a new draw of the
+    augmentation (not the same pixels), while first occurrences load exactly as before."""
+
+    class RandomlyAugmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, index):
+            return torch.full((1,), float(index)), torch.rand(4)  # the draw stands for crop and flip
+
+    labels = [0, 0, 1, 1, 1, 1]  # identity 0 has 2 images: K = 4 repeats them
+    pk = PKBatchSampler(labels, identities_per_batch=2, images_per_identity=4, num_batches=3, seed=1)
+    keyed = list(DistinctRepeats(pk))
+    assert [[item if isinstance(item, int) else item[0] for item in batch] for batch in keyed] == list(pk)
+    samples = SeededSamples(RandomlyAugmented(), seed=5)
+    for batch in keyed:
+        indices = [item if isinstance(item, int) else item[0] for item in batch]
+        draws = [samples[item][1] for item in batch]
+        assert len({tuple(draw.tolist()) for draw in draws}) == len(batch)  # repeats differ too
+        for item, index, draw in zip(batch, indices, draws, strict=True):
+            if isinstance(item, int):  # a first occurrence: the draw of the plain index, as before
+                assert torch.equal(draw, samples[index][1])
+        assert any(isinstance(item, tuple) for item in batch)
+        assert [samples[item][0].item() for item in batch] == indices
 
 
 def test_shard_sampler_starts_mid_share():

@@ -94,6 +94,32 @@ class SkipBatches(Sampler[list[int]]):
         return len(self.batch_sampler) - self.start
 
 
+class DistinctRepeats(Sampler[list]):
+    """A batch sampler whose repeated indices within a batch become ``(index, n)`` for the n-th repeat.
+
+    P x K batches repeat the images of identities with fewer than K (LFW-like data has many); seeded by the
+    index alone (``SeededSamples``), each repeat would be the same pixels, a positive at distance 0 that
+    teaches nothing. Keyed apart, each repeat is its own augmentation of the image; first occurrences stay
+    plain indices, so batches without repeats load exactly as before.
+    """
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            seen: dict[int, int] = {}
+            keyed = []
+            for index in batch:
+                repeat = seen.get(index, 0)
+                seen[index] = repeat + 1
+                keyed.append((index, repeat) if repeat else index)
+            yield keyed
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
 def shuffled_steps(num_items: int, batch_size: int, runtime: Runtime) -> int:
     """Steps of an epoch over every item once (each process a share; the last batch may be short)."""
     return -(-(num_items // runtime.world_size) // batch_size)
@@ -141,7 +167,8 @@ class SeededSamples(Dataset):
     """``dataset[index]`` with the random augmentation drawn from a generator seeded by (seed, epoch, index).
 
     So a sample is augmented the same whichever worker loads it and whatever was loaded before: an epoch
-    resumed mid-way, with any number of workers, sees exactly the images of the uninterrupted run.
+    resumed mid-way, with any number of workers, sees exactly the images of the uninterrupted run. An item
+    ``(index, n)`` (``DistinctRepeats``) is the n-th repeat of ``index`` in its batch, with its own draw.
     """
 
     def __init__(self, dataset, seed: int):
@@ -150,11 +177,14 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, repeat = item if isinstance(item, tuple) else (item, 0)
         # the CPU generator alone (torch.manual_seed would seed CUDA too, 30x slower), restored afterwards
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed(self.seed * 1_000_003 + int(index))
+        # (torch's CPU generator keeps 32 bits of the seed: a repeat moves it by a large odd step, far from the
+        # neighbouring indices' seeds)
+        generator.manual_seed(self.seed * 1_000_003 + int(index) + int(repeat) * 1_000_000_007)
         try:
             return self.dataset[index]
         finally:
