@@ -19,6 +19,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: not supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: CUDA is not available on this machine")

@@ -44,7 +44,9 @@ def require_int(value, name: str, minimum: int = 1) -> int:
 
 
 def report_input_errors(body: Callable[[], object]) -> int:
-    """Run a command's body; an InputError becomes one line on stderr and exit status 2.
+    """Run a command's body; an InputError, or an OSError about a named path (an output folder that cannot be
+    created, a file where a folder should be, a full disk), becomes one line on stderr and exit status 2; a
+    Ctrl-C that the body did not handle itself, a line and status 130.
 
     The body's return value is the exit status when it is an int, and 0 otherwise.
     """
@@ -53,4 +55,18 @@ def report_input_errors(body: Callable[[], object]) -> int:
     except InputError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.filename is None:
+            raise
+        print(f"error: {path_error(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return status if isinstance(status, int) else 0
+
+
+def path_error(error: OSError) -> str:
+    """``path: reason`` for an OSError about a path (of a failed rename, the destination: the user's path)."""
+    path = error.filename2 if error.filename2 is not None else error.filename
+    return f"{path}: {error.strerror or type(error).__name__}"

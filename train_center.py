@@ -79,6 +79,7 @@ class CenterLossModule(nn.Module):
 class CenterTask(TrainingTask):
     name = "center"
     count_name = "images"
+    min_batch_size = 2
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         super().__init__(args, runtime)

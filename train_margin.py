@@ -125,6 +125,7 @@ def margins_of(args: argparse.Namespace) -> tuple[float, float, float]:
 class MarginTask(TrainingTask):
     name = "margin"
     count_name = "images"
+    min_batch_size = 2
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         super().__init__(args, runtime)

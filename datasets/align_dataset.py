@@ -44,7 +44,7 @@ from tqdm import tqdm
 from datasets.face_alignment import TEMPLATES, align_face
 from datasets.mtcnn import FaceDetector, detection_view, select_face, to_photo_coordinates
 from devices import available_cpus, resolve_device
-from errors import InputError
+from errors import InputError, path_error
 from fileio import atomic_write, write_json_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -448,6 +448,11 @@ def main(argv=None):
         report = align_dataset(config, num_workers, args.batch_size, args.retry_failed, args.progress)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that cannot be made or written
+        if error.filename is None:
+            raise
+        print(f"error: {path_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the report is written, run the same command again to resume", file=sys.stderr)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS
 from devices import available_cpus
-from errors import InputError
+from errors import InputError, path_error
 from fileio import atomic_write
 
 CSV_COLUMNS = ("id", "name", "class", "ext")
@@ -172,6 +172,11 @@ def main(argv=None) -> int:
         )
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --csv_name in a folder that does not exist, or naming a folder
+        if error.filename is None:
+            raise
+        print(f"error: {path_error(error)}", file=sys.stderr)
         return 2
     print(
         f"wrote {args.csv_name}: {summary.num_images} images of {summary.num_identities} identities "

@@ -43,8 +43,11 @@ def read_pairs(pairs_path) -> PairsFile:
     pairs_path = os.fspath(pairs_path)
     if not os.path.isfile(pairs_path):
         raise InputError(f"pairs file not found: {pairs_path}")
-    with open(pairs_path, encoding="utf-8") as f:
-        lines = [(number, line.split()) for number, line in enumerate(f, start=1) if line.strip()]
+    try:
+        with open(pairs_path, encoding="utf-8") as f:
+            lines = [(number, line.split()) for number, line in enumerate(f, start=1) if line.strip()]
+    except UnicodeDecodeError:
+        raise InputError(f"{pairs_path}: not a pairs file (not UTF-8 text)") from None
     if not lines:
         raise InputError(f"{pairs_path}: the pairs file is empty")
 

@@ -61,6 +61,8 @@ def test_devices_resolve_to_the_local_gpu(monkeypatch):
         devices.resolve_device("cuda")
     with pytest.raises(InputError, match="not a device name"):
         devices.resolve_device("gpu0")
+    with pytest.raises(InputError, match="--device mps: not supported"):
+        devices.resolve_device("mps")  # a torch device type this repository does not train on
 
 
 def test_workers_are_capped_by_the_processes_on_this_machine(monkeypatch):

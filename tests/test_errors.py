@@ -29,3 +29,30 @@ def test_bugs_stay_tracebacks():
 
     with pytest.raises(KeyError):
         report_input_errors(buggy)
+
+
+def test_path_problems_and_ctrl_c_become_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for body in (
+        lambda: (tmp_path / "missing" / "out").mkdir(),  # a parent that does not exist
+        lambda: (a_file / "out").mkdir(),  # a file where a folder should be
+        lambda: (
+            (tmp_path / "x.tmp").write_text("") or (tmp_path / "x.tmp").replace(tmp_path)
+        ),  # onto a folder
+    ):
+        assert report_input_errors(body) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path}") and err.count("\n") == 1, err
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert report_input_errors(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+    def socket_trouble():
+        raise ConnectionResetError("peer gone")  # an OSError about no path: a traceback, not a user error
+
+    with pytest.raises(ConnectionResetError):
+        report_input_errors(socket_trouble)

@@ -158,6 +158,10 @@ def test_missing_folder_or_pairs_file(tiny_lfw, tmp_path):
     empty.write_text("\n")
     with pytest.raises(InputError, match="empty"):
         LFWDataset(root, empty)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"garbage\x00\xff")
+    with pytest.raises(InputError, match="not a pairs file"):
+        LFWDataset(root, binary)
 
 
 def test_all_pairs_missing_even_with_skip(tiny_lfw, tmp_path):

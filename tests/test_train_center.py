@@ -154,3 +154,22 @@ def test_a_triplet_checkpoint_cannot_resume_center_training(tiny_demo_data, tmp_
     capsys.readouterr()
     assert run_main(center_args(tiny_demo_data, tmp_path / "c", "--resume_path", checkpoint)) == 2
     assert "a triplet checkpoint cannot resume center training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train_center", "train_margin"])
+def test_an_epoch_never_ends_on_a_batch_of_one_image(tiny_demo_data, tmp_path, capsys, script):
+    """30 images in batches of 29 would leave one image for the last step, which batch norm refuses in
+    training: that image waits for the next epoch; a --batch_size of 1 is refused before any work."""
+    import train_margin
+
+    main = {"train_center": train_center.main, "train_margin": train_margin.main}[script]
+    args = [str(a) for a in common_args(tiny_demo_data, tmp_path / "run")] + ["--epochs", "1"]
+    assert main(args + ["--batch_size", "29"]) == 0
+    with open(tmp_path / "run" / "training_log.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert int(row["num_images"]) == 29  # one step of 29; the 30th image is not a step of its own
+    capsys.readouterr()
+    assert main([str(a) for a in common_args(tiny_demo_data, tmp_path / "one")] + ["--batch_size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch_size 1: batch norm needs at least 2 images a step" in err and "Traceback" not in err
+    assert not (tmp_path / "one").exists()

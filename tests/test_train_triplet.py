@@ -159,6 +159,8 @@ def test_bad_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change,
         ("--embedding_dim", "0"),
         ("--margin", "0"),
         ("--model", "vgg"),
+        ("--seed", "-1"),  # numpy refuses negative seeds, torch ones past 64 bits: both refused up front
+        ("--seed", "99999999999999999999"),
     ],
 )
 def test_bad_values_exit_before_any_work(tiny_demo_data, tmp_path, capsys, flag, value):
@@ -232,7 +234,9 @@ def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_pa
     output_dir = tmp_path / "run"
     assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 130
     interrupted = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1_interrupted.pt"
-    assert f"resume with --resume_path {interrupted}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"resume with --resume_path {interrupted}" in captured.out
+    assert "SIGINT: stopping after this step with a checkpoint (Ctrl-C again stops at once" in captured.err
     state = torch.load(interrupted, weights_only=True)
     assert state["epoch"] == 0 and state["step_in_epoch"] == 2  # the step in flight was finished
     monkeypatch.setattr(train_triplet.TripletTask, "step", real_step)

@@ -36,6 +36,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed numpy and torch both take, 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0."""
     value = float(text)
@@ -206,7 +217,7 @@ def _add_training_arguments(train) -> None:
         "loss's own parameters); the backbone's weights and batch-norm statistics stay as they were",
     )
     train.add_argument(
-        "--seed", type=int, default=0, help="seed for weights, triplets, sampling and augmentation"
+        "--seed", type=seed_int, default=0, help="seed for weights, triplets, sampling and augmentation"
     )
     train.add_argument(
         "--amp",

@@ -121,13 +121,15 @@ class DistinctRepeats(Sampler[list]):
 
 
 def shuffled_steps(num_items: int, batch_size: int, runtime: Runtime) -> int:
-    """Steps of an epoch over every item once (each process a share; the last batch may be short)."""
-    return -(-(num_items // runtime.world_size) // batch_size)
+    """Steps of an epoch over every item once (each process a share; the last batch may be short, but never a
+    single image: batch norm cannot train on one, so such an image waits for the next epoch)."""
+    share = num_items // runtime.world_size
+    return share // batch_size if share % batch_size == 1 else -(-share // batch_size)
 
 
 def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, start_step: int):
     """The loader of an epoch over every item once, in an order drawn from (seed, epoch), this process's
-    share, from batch ``start_step`` on."""
+    share, from batch ``start_step`` on (without a last batch of one image, as ``shuffled_steps``)."""
     sampler = ShardSampler(
         len(dataset),
         runtime.rank,
@@ -136,7 +138,10 @@ def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch:
         shuffle=True,
         seed=epoch_seed(args.seed, epoch),
     )
-    return make_loader(dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size)
+    single_last = sampler.share % args.batch_size == 1
+    return make_loader(
+        dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size, drop_last=single_last
+    )
 
 
 class ImagesToDevice:

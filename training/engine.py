@@ -78,6 +78,7 @@ class TrainingTask:
 
     name = "task"
     count_name = "samples"
+    min_batch_size = 1  # --batch_size counts images where it is 2: batch norm cannot train on one image
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         self.args = args
@@ -131,6 +132,12 @@ class StopRequested:
         if self.signal_name is not None:  # a second Ctrl-C means now
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        print(
+            f"{self.signal_name}: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
+            "without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -505,6 +512,8 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
     """Everything from checked arguments to the last checkpoint; returns the exit status."""
     check_common_args(args)
+    if args.batch_size < task_class.min_batch_size:
+        raise InputError(f"--batch_size {args.batch_size}: batch norm needs at least 2 images a step")
     runtime = setup_runtime(args)
     auto_resume = args.resume_path == "auto"
     if auto_resume:
