@@ -396,3 +396,14 @@ def test_a_batch_too_small_for_two_identities_is_a_one_line_error(tiny_demo_data
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--batch_size 6" in err[0] and "--images_per_identity 4" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_original_2021_flag_names_are_accepted():
+    """tamerthamoqa's 2021 train_triplet_loss.py renamed some flags; its command lines keep working."""
+    parser = train_triplet.get_args_parser()
+    old = parser.parse_args(["-d", "D", "--lfw", "L", "--model_architecture", "resnet50", "--embedding_dimension",
+                             "256", "--learning_rate", "0.075", "--training_dataset_csv_path", "v.csv"])  # fmt: skip
+    new = parser.parse_args(["-d", "D", "--lfw", "L", "--model", "resnet50", "--embedding_dim", "256",
+                             "--lr", "0.075", "--dataset_csv", "v.csv"])  # fmt: skip
+    assert vars(old) == vars(new)
+    assert (new.model, new.embedding_dim, new.lr, new.dataset_csv) == ("resnet50", 256, 0.075, "v.csv")

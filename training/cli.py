@@ -116,6 +116,8 @@ def _add_data_arguments(data) -> None:
     )
     data.add_argument(
         "--dataset_csv",
+        "--training_dataset_csv_path",  # the name in the original's 2021 scripts
+        dest="dataset_csv",
         type=str,
         default=None,
         help="CSV of the training images from datasets/generate_csv_files.py; default: written into "
@@ -141,8 +143,15 @@ def _add_data_arguments(data) -> None:
 
 
 def _add_model_arguments(model) -> None:
-    model.add_argument("--model", type=str, default="resnet34", choices=MODEL_NAMES, help="architecture")
-    model.add_argument("--embedding_dim", type=positive_int, default=128, help="size of the embedding")
+    # the second names are the original's 2021 scripts' (train_triplet_loss.py)
+    model.add_argument(
+        "--model", "--model_architecture", dest="model", type=str, default="resnet34", choices=MODEL_NAMES,
+        metavar="MODEL", help=f"architecture: {', '.join(MODEL_NAMES)}",
+    )  # fmt: skip
+    model.add_argument(
+        "--embedding_dim", "--embedding_dimension", dest="embedding_dim", type=positive_int, default=128,
+        help="size of the embedding",
+    )  # fmt: skip
     model.add_argument(
         "--pretrained",
         nargs="?",
@@ -191,7 +200,9 @@ def _add_training_arguments(train) -> None:
         choices=OPTIMIZERS,
         help="optimizer (the original's default was adagrad; adam learned faster in benchmarks/bench_learning.py)",
     )
-    train.add_argument("--lr", type=positive_float, default=0.001, help="learning rate")
+    train.add_argument(
+        "--lr", "--learning_rate", dest="lr", type=positive_float, default=0.001, help="learning rate"
+    )
     train.add_argument(
         "--weight_decay", type=non_negative_float, default=1e-5, help="weight decay of the model's optimizer"
     )
