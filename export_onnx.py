@@ -124,12 +124,17 @@ def run(args) -> None:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
     if args.output.suffix.lower() != ".onnx":
         raise InputError(f"the output should be a .onnx file, got {args.output}")
-    if args.opset < DEFAULT_OPSET:
+    newest = onnx.defs.onnx_opset_version()
+    if not DEFAULT_OPSET <= args.opset <= newest:
         raise InputError(
-            f"--opset must be at least {DEFAULT_OPSET} (the torch.export-based exporter's oldest)"
+            f"--opset {args.opset}: choose {DEFAULT_OPSET} (the torch.export-based exporter's oldest) to "
+            f"{newest} (the installed onnx's newest)"
         )
     loaded = load_checkpoint(args.model_path, "cpu", image_size=args.image_size, preprocess=args.preprocess)
     proto = export(loaded, args.opset)
+    written = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    if written != args.opset:  # the exporter falls back to its own opset when it cannot convert
+        raise InputError(f"--opset {args.opset}: the installed exporter wrote opset {written} instead")
     onnx.checker.check_model(proto)
     with atomic_write(args.output, "wb") as handle:
         handle.write(proto.SerializeToString())

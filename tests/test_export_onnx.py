@@ -92,7 +92,12 @@ def test_never_overwrites_without_overwrite(checkpoint, capsys):
     assert (
         export_onnx.main(["--model_path", str(path), str(output.with_name("old.onnx")), "--opset", "11"]) == 2
     )
-    assert "--opset must be at least 18" in capsys.readouterr().err
+    assert "--opset 11: choose 18 (the torch.export-based exporter's oldest) to" in capsys.readouterr().err
+    assert (
+        export_onnx.main(["--model_path", str(path), str(output.with_name("new.onnx")), "--opset", "99"]) == 2
+    )
+    assert "--opset 99: choose 18" in capsys.readouterr().err  # not a fallback to 18 reported as 99
+    assert not output.with_name("new.onnx").exists()
     assert (
         export_onnx.main(["--model_path", str(path.with_name("ghost.pt")), str(output.with_name("g.onnx"))])
         == 2
