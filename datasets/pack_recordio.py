@@ -11,6 +11,7 @@ image first and leaves the unreadable ones out (a .rec has no fallback for an im
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ if __package__ in (None, ""):
 
 from datasets.generate_csv_files import default_num_workers
 from datasets.recordio import write_recordio
-from errors import report_input_errors
+from errors import InputError, report_input_errors
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body() -> int:
+        if not str(args.output).endswith(".rec") or os.path.isdir(args.output):
+            raise InputError(f"--output {args.output}: name the .rec file to write, e.g. train.rec")
         summary = write_recordio(
             args.dataroot,
             args.output,

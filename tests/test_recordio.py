@@ -318,6 +318,12 @@ def test_cli_packs_and_reports_bad_input(tiny_face_tree, tmp_path, capsys):
     assert main(["--dataroot", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.rec")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: dataset folder not found") and err.count("\n") == 1
+    # no .rec name (next to an existing pack) or a folder: refused, the pack untouched
+    before = rec_path.with_suffix(".idx").read_bytes()
+    for output in (rec_path.with_suffix(""), rec_path.parent):
+        assert main(["--dataroot", str(tiny_face_tree), "--output", str(output), "--no-progress"]) == 2
+        assert f"--output {output}: name the .rec file to write" in capsys.readouterr().err
+    assert rec_path.with_suffix(".idx").read_bytes() == before
 
 
 def test_cli_runs_as_a_script_from_the_repository_root(tiny_face_tree, tmp_path):
