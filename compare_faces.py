@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="*", type=Path, help="the two photos to compare")
     parser.add_argument("--pairs_csv", type=Path, default=None, help="CSV with columns image1,image2")
     parser.add_argument("--output_csv", type=Path, default=None, help="where --pairs_csv results go")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_csv")
     parser.add_argument(
         "--threshold",
         type=float,
@@ -85,6 +86,8 @@ def check_args(args) -> None:
             raise InputError(f"--pairs_csv: file not found: {args.pairs_csv}")
         if args.output_csv.resolve() == args.pairs_csv.resolve():
             raise InputError("--output_csv must differ from --pairs_csv (it would overwrite the input)")
+        if args.output_csv.exists() and not args.overwrite:
+            raise InputError(f"--output_csv {args.output_csv} exists; pass --overwrite to replace it")
     if args.threshold is not None and not np.isfinite(args.threshold):
         raise InputError(f"--threshold must be a finite number, got {args.threshold}")
     if args.batch_size < 1:

@@ -93,6 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="distance below which a query is that person; default: the checkpoint's best_distance_threshold",
     )
     parser.add_argument("--output", type=Path, default=None, help="CSV file to write; default: stdout")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
     parser.add_argument("--flip", action="store_true", help="also embed the mirrored photos and average")
@@ -114,6 +115,8 @@ def check_args(args) -> None:
             raise InputError(f"query not found: {query}")
     if args.output is not None and args.output.is_dir():
         raise InputError(f"--output {args.output} is a folder; give a CSV file name")
+    if args.output is not None and args.output.exists() and not args.overwrite:
+        raise InputError(f"--output {args.output} exists; pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------------------------- photos

@@ -123,6 +123,14 @@ def test_pairs_csv_embeds_each_image_once(files, tmp_path, capsys, monkeypatch):
     expected += [embedder.distance(photos / "b.png", tmp_path / "c.png")]
     np.testing.assert_allclose(result["distance"], expected, atol=2e-6)
     assert result["same"].tolist() == [d < 0.05 for d in expected] == [True, False, False]
+    # the results are not replaced by a second run unless asked
+    argv = ["--model_path", str(files / "model.pt"), "--pairs_csv", str(pairs), "--output_csv", str(output)]
+    before = output.read_bytes()
+    status, _, err = run_main(capsys, argv + ["--threshold", "0.5"])
+    assert status == 2 and err == f"error: --output_csv {output} exists; pass --overwrite to replace it\n"
+    assert output.read_bytes() == before
+    assert run_main(capsys, argv + ["--threshold", "0.5", "--overwrite"])[0] == 0
+    assert pd.read_csv(output)["same"].tolist() == [d < 0.5 for d in expected]
     assert "wrote 3 pairs" in out
 
 

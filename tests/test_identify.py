@@ -675,3 +675,17 @@ def test_help_lists_the_flags_and_presets():
         "original-2021",
     ):
         assert flag in text
+
+
+def test_an_existing_output_is_not_replaced_unless_asked(tmp_path):
+    gallery, query, output = tmp_path / "gallery", tmp_path / "q.png", tmp_path / "names.csv"
+    gallery.mkdir()
+    query.write_bytes(b"")
+    output.write_text("earlier results\n")
+    argv = [str(query), "--model_path", "m.pt", "--gallery", str(gallery), "--output", str(output)]
+    with pytest.raises(
+        identify.InputError, match=f"--output {output} exists; pass --overwrite to replace it"
+    ):
+        identify.check_args(identify.get_args_parser().parse_args(argv))
+    identify.check_args(identify.get_args_parser().parse_args(argv + ["--overwrite"]))
+    assert output.read_text() == "earlier results\n"
