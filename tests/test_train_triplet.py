@@ -187,6 +187,24 @@ def test_resume_from_another_architecture_or_task_is_refused(tiny_demo_data, tmp
     assert "error: --resume_path: could not read checkpoint" in capsys.readouterr().err
 
 
+def test_a_run_refused_for_bad_data_leaves_its_folder_free(tiny_demo_data, tmp_path, capsys):
+    """Bad training data is found after the folder is claimed; the corrected command must not then be told
+    the folder holds an earlier run. A folder the user made stays, empty; one the run made goes."""
+    not_images = tmp_path / "not_images" / "someone"
+    not_images.mkdir(parents=True)
+    (not_images / "notes.txt").write_text("no faces here")
+    made = tmp_path / "made"
+    made.mkdir()
+    for output_dir in (tmp_path / "new", made):
+        args = triplet_args(tiny_demo_data, output_dir, "--epochs", "1")
+        args[args.index("--dataroot") + 1] = not_images.parent
+        assert run_main(args) == 2
+        assert "error:" in capsys.readouterr().err
+        assert output_dir == made and list(made.iterdir()) == [] or not output_dir.exists()
+        assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
+        assert (output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt").is_file()
+
+
 def test_never_writes_into_another_runs_folder(tiny_demo_data, tmp_path, capsys):
     output_dir = tmp_path / "run"
     assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError
 from training.cli import was_given
+from training.runtime import log
 
 # a folder holding a run with other values of these is another run, never to be written into
 RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
@@ -182,3 +184,15 @@ def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None
             f"--output_dir {output_dir}: the folder holds a different run ({', '.join(differing)} differ); "
             "choose a new --output_dir"
         )
+
+
+def release_output_dir(output_dir: Path, remove_folder: bool) -> None:
+    """Undo a claim of a folder that was new or empty, when the run failed before training (bad data):
+    delete what it wrote (run_config.json, train.log, dataset.csv), and the folder when it made it."""
+    for handler in log.handlers:  # train.log is closed before it is deleted
+        handler.close()
+    log.handlers.clear()
+    for child in output_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if remove_folder:
+        output_dir.rmdir()

@@ -36,6 +36,7 @@ from training.checkpoint import (
     is_plain_flag_value,
     latest_checkpoint,
     load_resume_checkpoint,
+    release_output_dir,
     resumed_changes,
 )
 from training.cli import check_common_args, prepare_demo_data, was_given
@@ -485,7 +486,8 @@ class Trainer:
 
 
 def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, resuming: bool):
-    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process."""
+    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process; and
+    whether the folder was "new" or "empty" before (None: it held a run, or this is not the main process)."""
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, task_name)
     if runtime.distributed:  # rank 0 names the folder: the others' clocks may be a second later
         chosen = [str(output_dir)]
@@ -500,13 +502,15 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
             prepare_demo_data(args)
     run_config = {"task": task_name, **vars(args)}
     validator = None
+    fresh = None
     if runtime.is_main:
+        fresh = "new" if not output_dir.exists() else None if any(output_dir.iterdir()) else "empty"
         claim_output_dir(output_dir, run_config, resuming=resuming)
         validator = Validator(args, runtime, output_dir)  # reads the pairs files: fails before any writing
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_config, output_dir / "run_config.json")
     barrier(runtime)
-    return output_dir, validator
+    return output_dir, validator, fresh
 
 
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
@@ -522,14 +526,21 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
         load_resume_checkpoint(args.resume_path, args, task_class.name) if args.resume_path else None
     )
     init_source = settle_run_settings(args, resume_checkpoint)  # --init_from decides model and preprocessing
-    output_dir, validator = prepare_output(
+    output_dir, validator, fresh = prepare_output(
         args, runtime, task_class.name, resuming=resume_checkpoint is not None or auto_resume
     )
     configure_logging(output_dir, runtime.is_main)
     if auto_resume and resume_checkpoint is None:
         log.info(f"--resume_path auto: no checkpoint in {output_dir}; starting from scratch")
     seed_everything(args.seed)
-    task = task_class(args, runtime)  # builds data, model and optimizers
+    try:
+        task = task_class(args, runtime)  # builds data, model and optimizers
+    except BaseException:
+        if (
+            fresh
+        ):  # bad data found before any training: leave the folder as it was, free for the fixed command
+            release_output_dir(output_dir, remove_folder=fresh == "new")
+        raise
     if init_source is not None:
         load_initial_weights(task.model, init_source, args)
     trainer = Trainer(task, output_dir, validator)
