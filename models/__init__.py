@@ -33,6 +33,13 @@ MODEL_NAMES = tuple(f"resnet{depth}" for depth in RESNET_DEPTHS) + (
     "inception_resnet_v1",
 )
 
+
+def min_image_size(name: str) -> int:
+    """The smallest input side worth training ``name`` on: Inception's stem needs 75 px; a ResNet takes any
+    size, but below 32 px (one pixel of its last feature map) its last stages see little but padding."""
+    return 75 if name.startswith("inception") else 32
+
+
 # the named weights each model can start from; True means "imagenet"
 _FACE_WEIGHTS = (
     "vggface2",
@@ -118,6 +125,7 @@ def __getattr__(name: str):
 __all__ = [
     "MODEL_NAMES",
     "build_model",
+    "min_image_size",
     "pretrained_weights",
     "default_preprocessing",
     "Preprocessing",

@@ -425,3 +425,14 @@ def test_the_original_2021_flag_names_are_accepted():
                              "--lr", "0.075", "--dataset_csv", "v.csv"])  # fmt: skip
     assert vars(old) == vars(new)
     assert (new.model, new.embedding_dim, new.lr, new.dataset_csv) == ("resnet50", 256, 0.075, "v.csv")
+
+
+@pytest.mark.parametrize("model, size, smallest", [("resnet18", "16", 32), ("inceptionresnetv2", "64", 75)])
+def test_an_image_size_below_what_the_model_takes_is_refused_up_front(
+    tiny_demo_data, tmp_path, capsys, model, size, smallest
+):
+    args = triplet_args(tiny_demo_data, tmp_path / "out", "--image_size", size)
+    args[args.index("--model") + 1] = model
+    assert run_main(args) == 2
+    assert f"error: --image_size {size}: {model} needs at least {smallest} px" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

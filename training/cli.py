@@ -14,7 +14,7 @@ from datasets.face_source import is_recordio
 from demo.make_demo_dataset import make_demo_dataset
 from devices import AMP_CHOICES
 from errors import InputError, report_input_errors, require_int
-from models import MODEL_NAMES
+from models import MODEL_NAMES, min_image_size
 from training.builders import LR_SCHEDULES, OPTIMIZERS
 
 DEMO_ROOT = Path("demo_data")
@@ -324,6 +324,9 @@ def check_common_args(args: argparse.Namespace) -> None:
     elif args.resume_path is not None and not Path(args.resume_path).is_file():
         raise InputError(f"--resume_path {args.resume_path}: no such file")
     check_init_args(args)
+    smallest = min_image_size(args.model)
+    if args.image_size < smallest:
+        raise InputError(f"--image_size {args.image_size}: {args.model} needs at least {smallest} px")
     if args.demo:
         return  # the demo's data is generated later, at known paths
     check_dataroot(args)
