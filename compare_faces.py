@@ -88,8 +88,8 @@ def check_args(args) -> None:
             raise InputError("--output_csv must differ from --pairs_csv (it would overwrite the input)")
         if args.output_csv.exists() and not args.overwrite:
             raise InputError(f"--output_csv {args.output_csv} exists; pass --overwrite to replace it")
-    if args.threshold is not None and not np.isfinite(args.threshold):
-        raise InputError(f"--threshold must be a finite number, got {args.threshold}")
+    if args.threshold is not None and not (np.isfinite(args.threshold) and args.threshold > 0):
+        raise InputError(f"--threshold must be a positive distance, got {args.threshold}")
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
 

@@ -159,6 +159,14 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys):
         + ["--output_csv", str(tmp_path / "o.csv")],
         "must differ from --pairs_csv": ["--model_path", model, "--pairs_csv", str(bad_csv)]
         + ["--output_csv", str(bad_csv)],
+        "--threshold must be a positive distance, got -1.0": [
+            "--model_path",
+            model,
+            a,
+            b,
+            "--threshold",
+            "-1",
+        ],
     }
     for message, argv in cases.items():
         status, out, err = run_main(capsys, argv)
