@@ -265,9 +265,11 @@ def test_defaults_are_unchanged_and_only_given_flags_count():
         160,
         0,
     )
-    demo = parse_args(train_triplet.get_args_parser(), ["--demo", "--init_from", "a.pt", "--embed", "8"], {})
-    assert demo.model == "resnet18" and demo.embedding_dim == 8  # the demo's default, an abbreviated flag
-    assert "model" not in demo.given_flags and {"embedding_dim", "init_from", "demo"} <= set(demo.given_flags)
+    argv = ["--demo", "--init_from", "a.pt", "--embedding_dim", "8", "--freeze_back", "1"]
+    demo = parse_args(train_triplet.get_args_parser(), argv, {})
+    assert demo.model == "resnet18" and demo.embedding_dim == 8  # the demo's default; an abbreviated flag
+    assert demo.freeze_backbone_epochs == 1 and "model" not in demo.given_flags
+    assert {"embedding_dim", "init_from", "demo", "freeze_backbone_epochs"} <= set(demo.given_flags)
 
 
 def test_reinit_head_trains_a_new_head_of_the_requested_size(
