@@ -44,7 +44,7 @@ from tqdm import tqdm
 from datasets.face_alignment import TEMPLATES, align_face
 from datasets.mtcnn import FaceDetector, detection_view, select_face, to_photo_coordinates
 from devices import available_cpus, resolve_device
-from errors import InputError, path_error
+from errors import InputError, report_input_errors
 from fileio import atomic_write, write_json_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -442,28 +442,24 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         config = config_from_args(args)
         num_workers = args.num_workers if args.num_workers is not None else min(available_cpus(), 8)
-        report = align_dataset(config, num_workers, args.batch_size, args.retry_failed, args.progress)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # an output folder that cannot be made or written
-        if error.filename is None:
-            raise
-        print(f"error: {path_error(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the report is written, run the same command again to resume", file=sys.stderr)
-        return 130
-    totals = report["totals"]
-    print(
-        f"{totals['aligned']} of {totals['photos']} photos aligned ({totals['processed_this_run']} processed now); "
-        f"no face in {totals['no_face']}, unreadable {totals['unreadable']}; "
-        f"see {Path(config.output_dir) / REPORT_NAME}"
-    )
-    return 0
+        try:
+            report = align_dataset(config, num_workers, args.batch_size, args.retry_failed, args.progress)
+        except KeyboardInterrupt:
+            print("interrupted; the report is written, run the same command again to resume", file=sys.stderr)
+            return 130
+        totals = report["totals"]
+        print(
+            f"{totals['aligned']} of {totals['photos']} photos aligned ({totals['processed_this_run']} processed "
+            f"now); no face in {totals['no_face']}, unreadable {totals['unreadable']}; "
+            f"see {Path(config.output_dir) / REPORT_NAME}"
+        )
+        return 0
+
+    return report_input_errors(body)
 
 
 if __name__ == "__main__":

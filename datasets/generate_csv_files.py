@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS
 from devices import available_cpus
-from errors import InputError, path_error
+from errors import InputError, report_input_errors
 from fileio import atomic_write
 
 CSV_COLUMNS = ("id", "name", "class", "ext")
@@ -166,28 +166,22 @@ def main(argv=None) -> int:
     def progress(folders, total):
         return tqdm(folders, total=total, unit=" folders", disable=not sys.stderr.isatty())
 
-    try:
+    def body() -> int:
         summary = generate_csv(
             args.dataroot, args.csv_name, verify=args.verify, num_workers=args.num_workers, progress=progress
         )
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # --csv_name in a folder that does not exist, or naming a folder
-        if error.filename is None:
-            raise
-        print(f"error: {path_error(error)}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {args.csv_name}: {summary.num_images} images of {summary.num_identities} identities "
-        f"({summary.num_skipped_files} non-image entries skipped)"
-    )
-    if summary.bad_images:
-        shown = summary.bad_images[:20]
-        print(f"{len(summary.bad_images)} unreadable images left out:", *shown, sep="\n  ")
-        if len(summary.bad_images) > len(shown):
-            print(f"  ... and {len(summary.bad_images) - len(shown)} more")
-    return 0
+        print(
+            f"wrote {args.csv_name}: {summary.num_images} images of {summary.num_identities} identities "
+            f"({summary.num_skipped_files} non-image entries skipped)"
+        )
+        if summary.bad_images:
+            shown = summary.bad_images[:20]
+            print(f"{len(summary.bad_images)} unreadable images left out:", *shown, sep="\n  ")
+            if len(summary.bad_images) > len(shown):
+                print(f"  ... and {len(summary.bad_images) - len(shown)} more")
+        return 0
+
+    return report_input_errors(body)
 
 
 if __name__ == "__main__":
