@@ -344,6 +344,15 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     assert [group["lr"] for group in third["optimizer_model_state_dict"]["param_groups"]] == [0.005]
     assert "--lr 0.01 -> 0.005" in (output_dir / "train.log").read_text()
 
+    # a finished run resumed (its --epochs kept): nothing to train, said so, nothing rewritten
+    saved = {path: path.stat().st_mtime_ns for path in (output_dir / "checkpoints").iterdir()}
+    assert resume(3) == 0
+    assert (
+        "the run has all of its 3 epochs (--epochs counts them all); nothing to train"
+        in (output_dir / "train.log").read_text()
+    )
+    assert {path: path.stat().st_mtime_ns for path in (output_dir / "checkpoints").iterdir()} == saved
+
     capsys.readouterr()
     assert resume(3, "--epochs", "4", "--optimizer", "adam") == 2
     assert "trains with --optimizer sgd, not adam" in capsys.readouterr().err

@@ -295,8 +295,16 @@ class Trainer:
         self.start_step = checkpoint["step_in_epoch"]
         self.resumed_totals = EpochTotals(**checkpoint["partial_epoch"])
         self.resume_rng_state = checkpoint["torch_rng_state"]
-        where = f"epoch {self.start_epoch + 1}" + (f", step {self.start_step + 1}" if self.start_step else "")
-        log.info(f"resumed from {self.args.resume_path}: continuing at {where} of {self.args.epochs}")
+        if self.start_epoch >= self.args.epochs:  # --resume_path auto on a finished run lands here too
+            log.info(
+                f"resumed from {self.args.resume_path}: the run has all of its {self.start_epoch} epochs "
+                "(--epochs counts them all); nothing to train, pass a larger --epochs to continue"
+            )
+        else:
+            where = f"epoch {self.start_epoch + 1}" + (
+                f", step {self.start_step + 1}" if self.start_step else ""
+            )
+            log.info(f"resumed from {self.args.resume_path}: continuing at {where} of {self.args.epochs}")
         changes = resumed_changes(checkpoint, self.args)
         if changes:
             log.info(f"changed on the command line: {', '.join(changes)}")
@@ -481,7 +489,8 @@ class Trainer:
                         f"{reason}: stopped after epoch {epoch + 1}; resume with --resume_path {path}"
                     )
                     return stop.exit_status
-        log.info(f"training finished; checkpoints, log and plots in {self.output_dir}")
+        if self.start_epoch < self.args.epochs:
+            log.info(f"training finished; checkpoints, log and plots in {self.output_dir}")
         return 0
 
 
