@@ -26,7 +26,7 @@ import pandas as pd
 
 from devices import resolve_device
 from errors import InputError, report_input_errors
-from fileio import atomic_write
+from fileio import atomic_write, refuse_to_replace
 from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
@@ -86,8 +86,7 @@ def check_args(args) -> None:
             raise InputError(f"--pairs_csv: file not found: {args.pairs_csv}")
         if args.output_csv.resolve() == args.pairs_csv.resolve():
             raise InputError("--output_csv must differ from --pairs_csv (it would overwrite the input)")
-        if args.output_csv.exists() and not args.overwrite:
-            raise InputError(f"--output_csv {args.output_csv} exists; pass --overwrite to replace it")
+        refuse_to_replace(args.output_csv, args.overwrite, "--output_csv")
     if args.threshold is not None and not (np.isfinite(args.threshold) and args.threshold > 0):
         raise InputError(f"--threshold must be a positive distance, got {args.threshold}")
     if args.batch_size < 1:

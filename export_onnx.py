@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from errors import InputError, report_input_errors
-from fileio import atomic_write
+from fileio import atomic_write, refuse_to_replace
 from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
 
 DEFAULT_OPSET = 18  # the oldest opset the torch.export-based exporter writes natively
@@ -120,8 +120,7 @@ def export(loaded: LoadedModel, opset: int):
 def run(args) -> None:
     import onnx  # only this command needs onnx
 
-    if args.output.exists() and not args.overwrite:
-        raise InputError(f"{args.output} exists; pass --overwrite to replace it")
+    refuse_to_replace(args.output, args.overwrite)
     if args.output.suffix.lower() != ".onnx":
         raise InputError(f"the output should be a .onnx file, got {args.output}")
     newest = onnx.defs.onnx_opset_version()

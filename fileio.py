@@ -1,4 +1,5 @@
-"""Atomic file writes: every file this repository writes goes through `atomic_write`.
+"""Atomic file writes: every file this repository writes goes through `atomic_write`; and the one check that
+a command does not replace earlier results unasked (`refuse_to_replace`).
 
 The content goes to a temporary file in the target's own folder (same file system), which then replaces the
 target with ``os.replace``. A crash or a kill never leaves half a file behind, and a reader never sees one.
@@ -13,6 +14,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from errors import InputError
+
+
+def refuse_to_replace(path, overwrite: bool, flag: str = "") -> None:
+    """An InputError when ``path`` exists and ``--overwrite`` was not given: earlier results are never replaced
+    unasked. ``flag`` (e.g. ``--output``) leads the message when given."""
+    if Path(path).exists() and not overwrite:
+        raise InputError(f"{flag + ' ' if flag else ''}{path} exists; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ import torch
 from datasets.image_files import IMAGE_EXTENSIONS
 from devices import resolve_device
 from errors import InputError, report_input_errors
-from fileio import atomic_write, save_torch_atomic
+from fileio import atomic_write, refuse_to_replace, save_torch_atomic
 from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
@@ -115,8 +115,8 @@ def check_args(args) -> None:
             raise InputError(f"query not found: {query}")
     if args.output is not None and args.output.is_dir():
         raise InputError(f"--output {args.output} is a folder; give a CSV file name")
-    if args.output is not None and args.output.exists() and not args.overwrite:
-        raise InputError(f"--output {args.output} exists; pass --overwrite to replace it")
+    if args.output is not None:
+        refuse_to_replace(args.output, args.overwrite, "--output")
 
 
 # --------------------------------------------------------------------------------------------- photos

@@ -123,8 +123,13 @@ class DistinctRepeats(Sampler[list]):
 def shuffled_steps(num_items: int, batch_size: int, runtime: Runtime) -> int:
     """Steps of an epoch over every item once (each process a share; the last batch may be short, but never a
     single image: batch norm cannot train on one, so such an image waits for the next epoch)."""
-    share = num_items // runtime.world_size
-    return share // batch_size if share % batch_size == 1 else -(-share // batch_size)
+    share = shard_length(num_items, runtime.world_size)
+    return share // batch_size if ends_on_single_image(share, batch_size) else -(-share // batch_size)
+
+
+def ends_on_single_image(share: int, batch_size: int) -> bool:
+    """Whether batches of ``batch_size`` over ``share`` items would end on a batch of one."""
+    return share % batch_size == 1
 
 
 def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, start_step: int):
@@ -138,9 +143,9 @@ def shuffled_batches(dataset, args: argparse.Namespace, runtime: Runtime, epoch:
         shuffle=True,
         seed=epoch_seed(args.seed, epoch),
     )
-    single_last = sampler.share % args.batch_size == 1
+    drop_last = ends_on_single_image(sampler.share, args.batch_size)
     return make_loader(
-        dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size, drop_last=single_last
+        dataset, args, runtime, epoch, sampler=sampler, batch_size=args.batch_size, drop_last=drop_last
     )
 
 

@@ -545,9 +545,8 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
     try:
         task = task_class(args, runtime)  # builds data, model and optimizers
     except BaseException:
-        if (
-            fresh
-        ):  # bad data found before any training: leave the folder as it was, free for the fixed command
+        # bad data found before any training: leave the folder as it was, free for the corrected command
+        if fresh:
             release_output_dir(output_dir, remove_folder=fresh == "new")
         raise
     if init_source is not None:
