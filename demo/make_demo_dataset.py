@@ -270,9 +270,14 @@ def make_demo_dataset(
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
         _generate(staging, params, plan, num_workers)
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(staging, root)
+        try:
+            if root.exists():
+                root.rmdir()  # empty, checked above
+            os.replace(staging, root)
+        except OSError:
+            # another process (a torchrun rank on a shared disk) finished the same dataset first
+            if not _existing_dataset(root, params):
+                raise
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -3,7 +3,10 @@
     python tests/distributed_harness.py train_triplet.py --dataroot ...
 
 - HARNESS_CLOCK_OFFSET_RANK=r: that rank's clock runs one second ahead (time.time).
-- HARNESS_FAIL=r:n: rank r raises ValueError("injected failure") in its n-th loss computation.
+- HARNESS_FAIL=r:n: rank r raises ValueError("injected failure") in its n-th loss computation (for
+  train_margin.py, before the sharded classifier's collectives, which the other ranks are then inside).
+- HARNESS_FAIL_LOAD=r:n: rank r's n-th sample raises ValueError("unreadable image") as it is loaded (before
+  the forward, whose DDP broadcast the other ranks are then inside).
 - HARNESS_KILL=r:n: rank r kills itself with SIGKILL at its n-th loss computation (no chance to checkpoint).
 - HARNESS_READY_DIR=d: each rank writes d/rank<r>.pid at its first loss computation.
 - HARNESS_STEP_SLEEP=s: each loss computation sleeps s seconds first (so a signal lands mid-epoch).
@@ -24,6 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import losses.center_loss  # noqa: E402
+import losses.partial_fc  # noqa: E402
 import losses.triplet_loss  # noqa: E402
 import training.data  # noqa: E402
 import training.engine  # noqa: E402
@@ -70,7 +74,16 @@ if os.environ.get("HARNESS_CLOCK_OFFSET_RANK") == str(RANK):
 
 wrap(losses.triplet_loss.TripletLoss, "forward", lambda self, *a, **k: on_loss_call())
 wrap(losses.center_loss.CenterLoss, "forward", lambda self, *a, **k: on_loss_call())
-wrap(training.data.SeededSamples, "__getitem__", lambda self, index: loaded_indices.append(int(index)))
+wrap(losses.partial_fc.CosineClassifier, "forward", lambda self, *a, **k: on_loss_call())
+
+
+def on_load(self, index):
+    loaded_indices.append(int(index))
+    if rank_and_count("HARNESS_FAIL_LOAD") == (RANK, len(loaded_indices)):
+        raise ValueError("unreadable image")
+
+
+wrap(training.data.SeededSamples, "__getitem__", on_load)
 
 real_fit = training.engine.Trainer.fit
 

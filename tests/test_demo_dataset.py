@@ -254,3 +254,20 @@ def test_runs_as_a_script_and_as_a_module(tmp_path, how):
         [sys.executable, *how, *argv[:2], "--num_folds", "0"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_a_process_that_loses_the_race_to_write_the_same_dataset_uses_the_winners(tmp_path, monkeypatch):
+    """torchrun ranks on machines sharing a disk may generate demo_data/ at the same time."""
+    root = tmp_path / "demo"
+    real_generate = demo._generate
+
+    def another_process_finishes_first(staging, params, plan, num_workers):
+        monkeypatch.setattr(demo, "_generate", real_generate)
+        make_demo_dataset(root, **SMALL)  # the winner, done while this process was still generating
+        real_generate(staging, params, plan, num_workers)
+
+    make_demo_dataset(tmp_path / "reference", **SMALL)
+    monkeypatch.setattr(demo, "_generate", another_process_finishes_first)
+    make_demo_dataset(root, **SMALL)
+    assert _all_files(root) == _all_files(tmp_path / "reference")
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # staging removed

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.training_data import REPO, common_args
@@ -113,6 +114,30 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_message(tiny_demo_dat
     output = result.stdout + result.stderr
     # both processes print the failing rank's one-line message
     assert output.count("error: rank 1: injected failure") == 2, output[-3000:]
+
+
+@pytest.mark.parametrize(
+    "script, fault, message",
+    [
+        # rank 1 fails loading while rank 0 is already in the forward's DDP broadcast
+        ("train_triplet.py", {"fail_load": "1:9"}, "unreadable image"),
+        # rank 1 fails before the sharded classifier's gathers, which rank 0 has entered
+        ("train_margin.py", {"fail": "1:2"}, "injected failure"),
+    ],
+)
+def test_a_failure_outside_the_agreed_step_still_ends_every_rank_with_its_message(
+    tiny_demo_data, tmp_path, script, fault, message
+):
+    args = triplet_args(tiny_demo_data, tmp_path / "run", "--epochs", "1")
+    if script == "train_margin.py":
+        at = args.index("--num_triplets_train")
+        del args[at : at + 2]
+    started = time.monotonic()
+    result = run([*torchrun(2, "--standalone"), HARNESS, script, *args], timeout=120, **fault)
+    assert time.monotonic() - started < 120
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(f"error: rank 1: {message}") == 2, output[-3000:]
 
 
 def free_port() -> int:

@@ -20,7 +20,8 @@ from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
 from training.builders import build_optimizer, load_optimizer_state
-from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches
+from training.checkpoint import latest_checkpoint
+from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
     StepOutput,
@@ -403,3 +404,108 @@ def test_the_fused_optimizer_steps_as_the_default_kernel_and_keeps_its_kernel_on
     load_optimizer_state(plain, fused.state_dict())
     assert not plain.param_groups[0]["fused"]
     torch.testing.assert_close(fused.state_dict()["state"][0], plain.state_dict()["state"][0], rtol=0, atol=0)
+
+
+def test_a_repeated_sigterm_keeps_the_graceful_stop_and_a_second_ctrl_c_stops_at_once(capsys):
+    # a cluster's preemption can reach a process twice (the scheduler and torchrun both signal it)
+    with StopRequested() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM" and stop.exit_status == 143
+    assert capsys.readouterr().err.count("SIGTERM: stopping after this step") == 1
+    with StopRequested() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class SignalsItself(torch.utils.data.Dataset):
+    """Each sample sends SIGTERM to the process that loads it, as a cluster's stop reaches every process."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return torch.tensor([index])
+
+
+def test_data_workers_leave_stop_signals_to_the_main_process():
+    args = SimpleNamespace(num_workers=1, seed=0)
+    loader = make_loader(SignalsItself(), args, Runtime(torch.device("cpu")), epoch=0, batch_size=2)
+    # a worker that took the SIGTERM would die, and the loader would fail ("worker exited unexpectedly")
+    assert torch.cat(list(loader)).flatten().tolist() == [0, 1, 2, 3]
+
+
+def fake_checkpoint(path, epoch, step=0, batch_size=8, world_size=1, written=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "step_in_epoch": step,
+        "batch_size_training": batch_size,
+        "world_size": world_size,
+    }
+    torch.save(state, path)
+    os.utime(path, ns=(1_700_000_000_000_000_000 + written, 1_700_000_000_000_000_000 + written))
+    return path
+
+
+def test_auto_resume_takes_the_checkpoint_written_last_and_passes_over_positions_it_cannot_continue(tmp_path):
+    folder = tmp_path / "checkpoints"
+    epoch_2 = fake_checkpoint(folder / "model_resnet18_triplet_epoch_2.pt", 2, written=1)
+    # an abandoned branch: interrupted in epoch 3 on 4 processes, before the run was resumed from epoch 2
+    fake_checkpoint(folder / "model_resnet18_triplet_epoch_3_interrupted.pt", 2, 800, world_size=4, written=2)
+    (folder / "model_resnet18_triplet_epoch_9.pt").write_text("not a checkpoint")
+    assert latest_checkpoint(tmp_path, "resnet18", "triplet", world_size=2).name == epoch_2.name
+    # the same number of processes can continue it (the brute-force order: written last)
+    assert latest_checkpoint(tmp_path, "resnet18", "triplet", world_size=4).name.endswith("_interrupted.pt")
+    assert latest_checkpoint(tmp_path, "resnet18", "triplet", world_size=4, batch_size=16) == epoch_2
+    # the resumed run's own newer checkpoint wins over the abandoned one further into training
+    step_file = fake_checkpoint(
+        folder / "model_resnet18_triplet_epoch_3_step_100.pt", 2, 100, world_size=4, written=3
+    )
+    assert latest_checkpoint(tmp_path, "resnet18", "triplet", world_size=4) == step_file
+    assert latest_checkpoint(tmp_path, "resnet34", "triplet", world_size=4) is None
+
+
+def test_a_steps_dropout_depends_on_seed_epoch_and_step_not_on_what_ran_before(tmp_path):
+    """So an epoch resumed mid-way draws the masks the uninterrupted epoch drew."""
+
+    def weights_after_step_3(consume_random_numbers_first: bool) -> torch.Tensor:
+        task = LinearTask(Runtime(torch.device("cpu")))
+        task.model = task.step_module = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2))
+        torch.manual_seed(1)  # the same initial weights for both
+        task.model[1].reset_parameters()
+        task.optimizers = [torch.optim.SGD(task.model.parameters(), lr=0.1)]
+        trainer = Trainer(task, tmp_path, validator=None)
+        if consume_random_numbers_first:
+            torch.rand(1000)
+        inputs = torch.ones(16, 3)
+        trainer.train_step(0, 3, iter([(inputs, True)]), EpochTotals(), StopRequested())
+        return task.model[1].weight.detach().clone()
+
+    assert torch.equal(weights_after_step_3(False), weights_after_step_3(True))
+
+
+def test_a_stop_request_during_validation_ends_the_run_after_that_epochs_checkpoint(
+    tiny_demo_data, tmp_path, monkeypatch
+):
+    real_validate = Trainer.validate
+
+    def validate_then_sigterm(self, completed):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, completed)
+
+    monkeypatch.setattr(Trainer, "validate", validate_then_sigterm)
+    argv = [
+        *common_args(tiny_demo_data, tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--num_triplets_train",
+        "24",
+        "--batch_size",
+        "8",
+    ]
+    assert train_triplet.main([str(a) for a in argv]) == 143
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["model_resnet18_triplet_epoch_1.pt"]  # no step of epoch 2 ran

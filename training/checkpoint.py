@@ -34,23 +34,42 @@ def checkpoint_path(
     return output_dir / "checkpoints" / f"model_{model}_{task_name}_epoch_{epoch}{suffix}.pt"
 
 
-def latest_checkpoint(output_dir: Path, model: str | None, task_name: str) -> Path | None:
-    """The checkpoint of ``output_dir`` furthest into training (epoch, then step), or None (``model`` None:
-    of any architecture).
+def latest_checkpoint(
+    output_dir: Path,
+    model: str | None,
+    task_name: str,
+    world_size: int | None = None,
+    batch_size: int | None = None,
+) -> Path | None:
+    """The checkpoint of ``output_dir`` a resubmitted run continues from, or None (``model`` None: of any
+    architecture): the one written last, then the one furthest into training (epoch, step).
+
+    Written last, not furthest: a run resumed from an earlier checkpoint leaves the abandoned branch's later
+    files behind, and its own new ones must win. With ``world_size``, a mid-epoch checkpoint saved with
+    another number of processes (or another ``batch_size``, when given) is passed over, since its position
+    cannot be continued (``check_resume_position``): the run goes on from the newest one that can.
 
     Checkpoints are written atomically, so every file found is complete; each is opened memory-mapped to read
     its position, which costs next to nothing even for large files. An unreadable one is skipped.
     """
-    best, best_position = None, None
-    for path in sorted((output_dir / "checkpoints").glob(f"model_{model or '*'}_{task_name}_epoch_*.pt")):
+    candidates = []
+    for path in (output_dir / "checkpoints").glob(f"model_{model or '*'}_{task_name}_epoch_*.pt"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             position = (int(state["epoch"]), int(state["step_in_epoch"]))
+            saved_with = (int(state["batch_size_training"]), int(state.get("world_size", 1)))
+            written = path.stat().st_mtime_ns
         except Exception:  # noqa: BLE001 - not a checkpoint of ours: not a candidate
             continue
-        if best_position is None or position > best_position:
-            best, best_position = path, position
-    return best
+        if world_size is not None and position[1] > 0:
+            if saved_with[1] != world_size or batch_size not in (None, saved_with[0]):
+                log.warning(
+                    f"--resume_path auto: passing over {path.name}, saved mid-epoch on {saved_with[1]} "
+                    f"process(es) with batch size {saved_with[0]}"
+                )
+                continue
+        candidates.append((written, position, str(path)))
+    return Path(max(candidates)[2]) if candidates else None
 
 
 def check_resume_position(checkpoint: dict, args: argparse.Namespace, runtime) -> None:

@@ -1,29 +1,34 @@
-"""How the processes of a run stay in step.
+"""How the processes of a run stay in step, and how one failing process ends them all.
 
 One all-reduce per step (the one host sync a step needs) carries the step's loss sum and count, whether its
-loss was finite, whether a stop was requested (SIGINT / SIGTERM) and whether the step failed, on every
-process. So all processes apply or skip the same steps, stop after the same step, and an exception on one
-process ends every process at once with that process's message, instead of leaving the others waiting in a
-collective until its timeout.
+loss was finite and whether a stop was requested (SIGINT / SIGTERM), on every process. So all processes
+apply or skip the same steps and stop after the same step.
+
+A process that fails cannot take part in that all-reduce: it may fail where the others are already inside
+another collective it will never join (DDP's buffer broadcast at the start of a forward, the gradient
+all-reduce in a backward, a sharded classifier's gathers, rank 0's validation while the others wait). So a
+failure goes through the process group's key-value store instead (`FailureWatch`): the failing process writes
+``rank, message, exit status`` there and exits; every other process polls the store from a thread and, within
+a poll interval, prints that message and exits with that status, wherever its main thread is waiting. Without
+it the others would sit in a collective until its timeout (minutes to hours).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from errors import InputError, one_line
+from errors import one_line
 from training.runtime import Runtime, all_reduce_sum
 
-
-class RankFailed(RuntimeError):
-    """A process of the run failed; every process raises this with its message."""
-
-    def __init__(self, message: str, input_error: bool):
-        super().__init__(message)
-        self.input_error = input_error
+FAILURE_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -34,51 +39,109 @@ class StepVerdict:
     count: float
     nonfinite: bool  # some process's loss was not finite: skip the step everywhere
     stop: bool  # some process was asked to stop: stop after this step everywhere
-    failed_rank: int | None  # the first process whose step raised
 
 
-def agree_on_step(out, failed: bool, stop_requested: bool, runtime: Runtime) -> StepVerdict:
-    """All-reduce a step's bookkeeping and flags; ``out`` is the task's StepOutput (None when it failed)."""
-    device = runtime.device
-    flags = torch.zeros(2 + runtime.world_size, dtype=torch.float64)
-    flags[0] = float(stop_requested)
-    flags[2 + runtime.rank] = float(failed)
-    if out is None:
-        measured = torch.zeros(3, dtype=torch.float64, device=device)
-    else:
-        nonfinite = (~torch.isfinite(out.loss_sum)).double()
-        measured = torch.stack([out.loss_sum.double().nan_to_num(), out.count.double(), nonfinite])
-    stats = all_reduce_sum(torch.cat([measured, flags.to(device, non_blocking=True)]), runtime).tolist()
-    failed_ranks = [rank for rank, flag in enumerate(stats[5:]) if flag]
-    return StepVerdict(
-        loss_sum=stats[0],
-        count=stats[1],
-        nonfinite=bool(stats[2]),
-        stop=bool(stats[3]),
-        failed_rank=failed_ranks[0] if failed_ranks else None,
-    )
+def agree_on_step(out, stop_requested: bool, runtime: Runtime) -> StepVerdict:
+    """All-reduce a step's bookkeeping and the stop flag; ``out`` is the task's StepOutput."""
+    nonfinite = (~torch.isfinite(out.loss_sum)).double()
+    measured = torch.stack([out.loss_sum.double().nan_to_num(), out.count.double(), nonfinite])
+    stop = torch.tensor([float(stop_requested)], dtype=torch.float64)
+    stats = all_reduce_sum(torch.cat([measured, stop.to(measured.device, non_blocking=True)]), runtime)
+    loss_sum, count, any_nonfinite, any_stop = stats.tolist()
+    return StepVerdict(loss_sum, count, bool(any_nonfinite), bool(any_stop))
 
 
-def raise_shared_failure(error: BaseException | None, failed_rank: int, runtime: Runtime):
-    """Every process raises `RankFailed` with the failed process's one-line message (it broadcasts it)."""
-    payload = [None]
-    if runtime.rank == failed_rank:
-        payload = [(isinstance(error, InputError), one_line(error) or type(error).__name__)]
-    dist.broadcast_object_list(payload, src=failed_rank)
-    input_error, message = payload[0]
-    raise RankFailed(f"rank {failed_rank}: {message}", input_error)
+def agree_to_stop(stop_requested: bool, runtime: Runtime) -> bool:
+    """Whether any process was asked to stop, between epochs: a request that came during the validation or
+    the checkpoint stops the run there, not after the next epoch's first step."""
+    flag = torch.tensor([float(stop_requested)], dtype=torch.float64, device=runtime.device)
+    return bool(all_reduce_sum(flag, runtime).item())
 
 
-def check_for_failure(error: BaseException | None, runtime: Runtime) -> None:
-    """Outside the step loop (validation, logging): re-raise alone, or agree with the others first."""
-    if not runtime.distributed:
-        if error is not None:
-            raise error
-        return
-    flags = torch.zeros(runtime.world_size, dtype=torch.float64)
-    flags[runtime.rank] = float(error is not None)
-    failed = [
-        rank for rank, flag in enumerate(all_reduce_sum(flags.to(runtime.device), runtime).tolist()) if flag
-    ]
-    if failed:
-        raise_shared_failure(error, failed[0], runtime)
+@dataclass
+class Failure:
+    rank: int
+    message: str
+    status: int  # the exit status every process ends with
+
+    @property
+    def line(self) -> str:
+        return f"error: rank {self.rank}: {self.message}"
+
+
+class FailureWatch:
+    """Within a distributed run: `report` a failure of this process; a thread ends this process when another
+    one reports first. A no-op in a single process. Use as a context manager (the thread stops on exit)."""
+
+    def __init__(self, runtime: Runtime, poll_seconds: float = FAILURE_POLL_SECONDS):
+        self.rank = runtime.rank
+        self.store = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._printed = False
+        self._reporting = False
+        if not runtime.distributed:
+            return
+        self.store = dist.distributed_c10d._get_default_store()
+        # torchrun --max_restarts: a restarted run must not read the failure that ended the previous attempt
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.count_key = f"facenet_failure/{attempt}/count"
+        self.failure_key = f"facenet_failure/{attempt}/first"
+        self._thread = threading.Thread(
+            target=self._watch, args=(poll_seconds,), name="failure-watch", daemon=True
+        )
+        self._thread.start()
+
+    def __enter__(self) -> FailureWatch:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._done.set()
+        return False
+
+    def report(self, error: BaseException, status: int) -> Failure | None:
+        """Record this process's failure, unless another process's came first, and return the run's first
+        failure (None in a single process); `announce` prints it."""
+        if self.store is None:
+            return None
+        self._reporting = True  # from now on this process ends by its own failure, not by the watcher
+        message = "interrupted" if isinstance(error, KeyboardInterrupt) else one_line(error)
+        own = Failure(self.rank, message or type(error).__name__, status)
+        try:
+            if self.store.add(self.count_key, 1) == 1:
+                self.store.set(self.failure_key, json.dumps(vars(own)))
+                first = own
+            else:  # another process failed first: this failure is most likely its consequence
+                first = self._read_first()
+        except Exception:  # noqa: BLE001 - the store is gone (its host exited): only our own to tell
+            first = own
+        return first
+
+    def announce(self, failure: Failure) -> None:
+        """Print ``error: rank R: message`` on stderr, once per process."""
+        self._print_once(failure)
+
+    def _read_first(self) -> Failure:
+        self.store.wait([self.failure_key], timedelta(seconds=30))
+        return Failure(**json.loads(self.store.get(self.failure_key)))
+
+    def _print_once(self, failure: Failure) -> bool:
+        with self._lock:
+            if self._printed:
+                return False
+            self._printed = True
+        print(failure.line, file=sys.stderr, flush=True)
+        return True
+
+    def _watch(self, poll_seconds: float) -> None:
+        while not self._done.wait(poll_seconds):
+            try:
+                if self._reporting or self.store.add(self.count_key, 0) == 0:
+                    continue
+                failure = self._read_first()
+            except Exception:  # noqa: BLE001 - the store went away: the run is ending anyway
+                return
+            if self._reporting or self._done.is_set():
+                return
+            self._print_once(failure)
+            os._exit(failure.status)  # the main thread may be blocked in a collective: end here

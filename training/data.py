@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 from pathlib import Path
 
 import torch
@@ -211,5 +212,18 @@ def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(epoch_seed(args.seed, epoch)),
+        worker_init_fn=ignore_stop_signals if workers else None,
         **sampling,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT / SIGTERM to the main process, which finishes its step and checkpoints.
+
+    A cluster's SIGTERM (or a Ctrl-C) reaches every process of the job, the workers included; a worker that
+    took it (the main process's handler is inherited through fork) would die, and the main process would
+    then fail on "DataLoader worker exited unexpectedly" instead of writing its checkpoint. A worker still
+    ends with the main process (the DataLoader shuts it down, or it notices its parent is gone).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -26,6 +26,7 @@ import eval_metrics
 from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError
 from fileio import save_torch_atomic, write_json_atomic
+from losses.partial_fc import mix_seed
 from training.builders import LearningRateSchedule, load_optimizer_state
 from training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
@@ -40,14 +41,13 @@ from training.checkpoint import (
     resumed_changes,
 )
 from training.cli import check_common_args, prepare_demo_data, was_given
-from training.coordination import RankFailed, agree_on_step, check_for_failure, raise_shared_failure
+from training.coordination import FailureWatch, agree_on_step, agree_to_stop
 from training.finetune import load_initial_weights, set_backbone_frozen, settle_run_settings
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
     Runtime,
     barrier,
     configure_logging,
-    epoch_seed,
     log,
     precision_note,
     seed_everything,
@@ -130,15 +130,16 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(
-            f"{self.signal_name}: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
-            "without one)",
-            file=sys.stderr,
-            flush=True,
-        )
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            # a second Ctrl-C means now; a second SIGTERM does not: on a cluster one preemption can arrive
+            # twice (the scheduler signals every process of the job, and torchrun forwards its own copy)
+            if name == "SIGINT":
+                raise KeyboardInterrupt
+            return
+        self.signal_name = name
+        hint = " (Ctrl-C again stops at once, without one)" if name == "SIGINT" else ""
+        print(f"{name}: stopping after this step with a checkpoint{hint}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -202,7 +203,6 @@ class Trainer:
         self.start_epoch = 0
         self.start_step = 0
         self.resumed_totals = EpochTotals()
-        self.resume_rng_state: torch.Tensor | None = None
         self.interrupted_path: Path | None = None
         self.consecutive_nonfinite = 0
         self.stop_agreed = False  # some process was asked to stop: all stop after the same step
@@ -237,8 +237,6 @@ class Trainer:
                 "skipped_steps": totals.skipped_steps,
             },
             "history": vars(self.history),
-            # epochs reseed from (seed, epoch); this state only continues an epoch interrupted mid-way
-            "torch_rng_state": torch.get_rng_state(),
         }
         if args.alignment is not None:  # how the training crops were made, when known
             state["alignment"] = dict(args.alignment)
@@ -294,7 +292,6 @@ class Trainer:
         self.start_epoch = checkpoint["epoch"]
         self.start_step = checkpoint["step_in_epoch"]
         self.resumed_totals = EpochTotals(**checkpoint["partial_epoch"])
-        self.resume_rng_state = checkpoint["torch_rng_state"]
         if self.start_epoch >= self.args.epochs:  # --resume_path auto on a finished run lands here too
             log.info(
                 f"resumed from {self.args.resume_path}: the run has all of its {self.start_epoch} epochs "
@@ -318,9 +315,6 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.step_module.train()
         self.freeze_backbone(epoch < self.args.freeze_backbone_epochs)
-        torch.manual_seed(epoch_seed(self.args.seed, epoch))
-        if start_step and self.resume_rng_state is not None:
-            torch.set_rng_state(self.resume_rng_state)
         total = self.task.steps_per_epoch()
         progress = tqdm(
             total=total,
@@ -366,25 +360,19 @@ class Trainer:
 
     def train_step(self, epoch: int, step: int, batches, totals: EpochTotals, stop: StopRequested) -> None:
         """Load and forward a batch; agree with the other processes (one all-reduce); then, unless a loss
-        was non-finite or a process failed, backward and the optimizer steps."""
+        was non-finite, backward and the optimizer steps. An exception ends the run on every process
+        (``coordination.FailureWatch``)."""
         runtime = self.runtime
-        out, error = None, None
-        try:
-            batch = next(batches)
-            self.schedule.apply(epoch * self.steps_per_epoch + step - 1)  # the lr follows the position alone
-            with torch.autocast(
-                runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
-            ):
-                out = self.task.step(self.step_module, batch)
-        except Exception as caught:  # noqa: BLE001 - every process must learn of it, whatever it is
-            if not runtime.distributed:
-                raise
-            if not isinstance(caught, InputError):
-                log.exception(f"rank {runtime.rank}: the step failed")
-            error = caught
-        verdict = agree_on_step(out, error is not None, stop.signal_name is not None, runtime)
-        if verdict.failed_rank is not None:
-            raise_shared_failure(error, verdict.failed_rank, runtime)
+        batch = next(batches)
+        # the model's own randomness (dropout) from (seed, epoch, step, rank): a resumed epoch draws what the
+        # uninterrupted one did, and the processes of a run draw different masks for their different images
+        torch.manual_seed(mix_seed(self.args.seed, epoch, step, runtime.rank))
+        self.schedule.apply(epoch * self.steps_per_epoch + step - 1)  # the lr follows the position alone
+        with torch.autocast(
+            runtime.device.type, dtype=runtime.amp_dtype, enabled=runtime.amp_dtype is not None
+        ):
+            out = self.task.step(self.step_module, batch)
+        verdict = agree_on_step(out, stop.signal_name is not None, runtime)
         self.stop_agreed = self.stop_agreed or verdict.stop
         if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
@@ -424,25 +412,17 @@ class Trainer:
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
         self.check_finite_state(completed)
-        error = None
-        if self.runtime.is_main:
-            try:
-                if validate:
-                    row.update(self.validate(completed))
-                append_csv_row(self.output_dir / "training_log.csv", row)
-                plot_history(self.history, self.output_dir / "plots")
-            except Exception as caught:  # noqa: BLE001 - the other processes wait for rank 0: tell them
-                if not self.runtime.distributed:
-                    raise
-                if not isinstance(caught, InputError):
-                    log.exception("rank 0: the validation failed")
-                error = caught
-        check_for_failure(error, self.runtime)
+        if self.runtime.is_main:  # the other processes wait for it in the checkpoint's collectives
+            if validate:
+                row.update(self.validate(completed))
+            append_csv_row(self.output_dir / "training_log.csv", row)
+            plot_history(self.history, self.output_dir / "plots")
         self.save(completed)
 
     def check_finite_state(self, completed: int) -> None:
         """Weights or batch-norm statistics that are not finite (a finite loss can still come with an inf
-        gradient) end the run before they are validated or saved; every process holds the same ones."""
+        gradient) end the run before they are validated or saved. The weights are the same on every process,
+        the batch-norm statistics each process's own; one process stopping here stops all (FailureWatch)."""
         state = itertools.chain(self.task.model.parameters(), self.task.model.buffers())
         if not all(bool(torch.isfinite(tensor).all()) for tensor in state if tensor.is_floating_point()):
             raise TrainingDiverged(
@@ -483,6 +463,9 @@ class Trainer:
                     )
                     return stop.exit_status
                 self.finish_epoch(epoch, totals, time.perf_counter() - started)
+                self.stop_agreed = self.stop_agreed or agree_to_stop(
+                    stop.signal_name is not None, self.runtime
+                )
                 if self.stop_agreed:
                     path = checkpoint_path(self.output_dir, self.args.model, self.task.name, epoch + 1, False)
                     log.warning(
@@ -503,11 +486,11 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
         dist.broadcast_object_list(chosen, src=0)
         output_dir = Path(chosen[0])
     args.output_dir = str(output_dir)
-    if args.demo:
-        if runtime.is_main:
+    if args.demo:  # one process per machine generates it (demo_data/ may not be on a shared disk)
+        if runtime.local_rank == 0:
             prepare_demo_data(args)
         barrier(runtime)  # the other ranks find it generated
-        if not runtime.is_main:
+        if runtime.local_rank != 0:
             prepare_demo_data(args)
     run_config = {"task": task_name, **vars(args)}
     validator = None
@@ -523,11 +506,42 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
 
 
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
-    """Everything from checked arguments to the last checkpoint; returns the exit status."""
+    """Everything from checked arguments to the last checkpoint; returns the exit status.
+
+    Under torchrun, an exception on any process ends every process with that process's one-line message
+    (``error: rank R: ...``) and exit status within about a second (``coordination.FailureWatch``).
+    """
     check_common_args(args)
     if args.batch_size < task_class.min_batch_size:
         raise InputError(f"--batch_size {args.batch_size}: batch norm needs at least 2 images a step")
     runtime = setup_runtime(args)
+    with FailureWatch(runtime) as watch:
+        try:
+            return train(args, task_class, runtime)
+        except BaseException as error:
+            first = watch.report(error, failure_status(error))
+            if first is None:  # a single process
+                if isinstance(error, TrainingDiverged):
+                    log.error(str(error))
+                    return 3
+                raise
+            own = first.rank == runtime.rank  # else this error most likely follows from that process's
+            if own and not isinstance(error, (InputError, TrainingDiverged, KeyboardInterrupt)):
+                log.exception(f"rank {runtime.rank}: failed")  # the traceback, for a bug
+            watch.announce(first)
+            return first.status
+
+
+def failure_status(error: BaseException) -> int:
+    """The exit status of a run that ended with ``error``: 2 bad input, 3 diverged, 130 interrupted, else 1."""
+    if isinstance(error, InputError) or (isinstance(error, OSError) and error.filename is not None):
+        return 2
+    if isinstance(error, TrainingDiverged):
+        return 3
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
+def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Runtime) -> int:
     auto_resume = args.resume_path == "auto"
     if auto_resume:
         args.resume_path = agreed_latest_checkpoint(args, task_class.name, runtime)
@@ -559,16 +573,7 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
         f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
         f"{precision_note(args, runtime)}; output in {output_dir}"
     )
-    try:
-        return trainer.fit()
-    except TrainingDiverged as error:
-        log.error(str(error))
-        return 3
-    except RankFailed as error:
-        if error.input_error:
-            raise InputError(str(error)) from None
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return trainer.fit()
 
 
 def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: Runtime) -> str | None:
@@ -577,7 +582,8 @@ def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: 
     if runtime.is_main:
         # the model named on the command line, or any (an --init_from run's is the checkpoint's)
         model = args.model if was_given(args, "model") else None
-        found = latest_checkpoint(Path(args.output_dir), model, task_name)
+        batch_size = args.batch_size if was_given(args, "batch_size") else None  # else the checkpoint's
+        found = latest_checkpoint(Path(args.output_dir), model, task_name, runtime.world_size, batch_size)
         latest = [None if found is None else str(found)]
     if runtime.distributed:
         dist.broadcast_object_list(latest, src=0)

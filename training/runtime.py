@@ -11,6 +11,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,13 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # 30 minutes for a collective (NCCL's default is 10): the other processes wait in one while rank 0
+        # validates and writes the checkpoint, which on many --val_targets or a large sharded classifier on a
+        # slow shared disk can take minutes. A process that fails does not make the others wait for this:
+        # they learn of it within a second (training.coordination.FailureWatch).
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30)
+        )
     return Runtime(
         device,
         rank,
