@@ -30,7 +30,7 @@ from datasets.verification_bin import VerificationBinDataset
 from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
 from fileio import write_json_atomic
-from inference import LoadedModel, load_checkpoint
+from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
 from verification import evaluate_model_on_lfw
 
 
@@ -84,6 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where each target's JSON and ROC plot go (lfw_metrics.json, <name>_metrics.json, ...); "
         "default: <checkpoint stem>_lfw/",
     )
+    parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
     parser.add_argument(
         "--skip_missing", action="store_true", help="drop pairs whose images are missing instead of failing"
     )
@@ -237,7 +238,7 @@ def run(args) -> dict:
     for json_path, plot_path in paths.values():
         check_overwrite(json_path, plot_path, args.model_path)
 
-    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size)
+    loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
     if device.type == "cuda":
         # NHWC weights let cuDNN use its channels-last (tensor core) kernels; the inputs follow suit
         loaded.model.to(memory_format=torch.channels_last)

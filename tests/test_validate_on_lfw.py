@@ -370,3 +370,24 @@ def test_command_target_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["--model_path", str(checkpoint), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_command_takes_the_preprocessing_preset_of_a_checkpoint_that_stores_none(tmp_path):
+    """The original's 2021 files: 140 px and VGGFace2's mean and std, named with --preprocess."""
+    from checkpoint_loading import PREPROCESS_PRESETS
+    from tests.checkpoint_layouts import original_2020_checkpoint, reference_resnet
+
+    checkpoint = tmp_path / "model_resnet18_triplet_2021.pt"
+    torch.save(original_2020_checkpoint(reference_resnet(18, "sequential")), checkpoint)
+    pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=2)
+    common = ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(pairs_path)]
+    common += ["--num_workers", "0", "--no_progress"]
+    assert main([*common, "--output_dir", str(tmp_path / "preset"), "--preprocess", "original-2021"]) == 0
+    described = json.loads((tmp_path / "preset" / "lfw_metrics.json").read_text())["checkpoint"]
+    preset = PREPROCESS_PRESETS["original-2021"]
+    assert described["image_size"] == preset.image_size == 140
+    assert described["mean"] == pytest.approx(list(preset.mean))
+    assert described["std"] == pytest.approx(list(preset.std))
+    assert main([*common, "--output_dir", str(tmp_path / "default")]) == 0
+    default = json.loads((tmp_path / "default" / "lfw_metrics.json").read_text())["checkpoint"]
+    assert default["image_size"] == 224 and default["mean"] == pytest.approx([0.5, 0.5, 0.5])
