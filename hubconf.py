@@ -24,15 +24,30 @@ dependencies = ["torch", "torchvision", "numpy", "PIL"]
 
 
 def _registry_entry(name: str):
-    def entry(embedding_dim: int = 128, num_classes: int | None = None, pretrained: bool | str = False):
+    def entry(
+        embedding_dim: int | None = None, num_classes: int | None = None, pretrained: bool | str = False
+    ):
+        if embedding_dim is None:
+            embedding_dim = _native_embedding_dim(name)
         return _models.build_model(name, embedding_dim, num_classes, pretrained)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = (
         f"The {name} embedding model of this repository: build_model({name!r}, embedding_dim, num_classes, "
-        "pretrained). Its forward returns L2-normalised float32 embeddings."
+        "pretrained); embedding_dim defaults to 512 for inception_resnet_v1 (its published weights' size), "
+        "else 128. Its forward returns L2-normalised float32 embeddings."
     )
     return entry
+
+
+def _native_embedding_dim(name: str) -> int:
+    """inception_resnet_v1: 512, the size its published face weights end at (any other size replaces that
+    head with a random one); the others: 128, the training scripts' default."""
+    if name == "inception_resnet_v1":
+        from models.inception_resnet_v1 import NATIVE_EMBEDDING_DIM
+
+        return NATIVE_EMBEDDING_DIM
+    return 128
 
 
 for _name in _models.MODEL_NAMES:

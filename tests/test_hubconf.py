@@ -34,6 +34,14 @@ def test_hub_load_builds_a_registry_model(monkeypatch):
     assert center.model.classifier.out_features == 4
 
 
+def test_hub_entries_default_to_the_models_own_embedding_size():
+    """inception_resnet_v1 at 512, so pretrained="vggface2" keeps facenet-pytorch's head instead of a random
+    128-d one."""
+    model = torch.hub.load(str(REPO), "inception_resnet_v1", source="local")
+    assert model.embedding_dim == 512
+    assert torch.hub.load(str(REPO), "resnet18", source="local").embedding_dim == 128
+
+
 @pytest.mark.parametrize("entry", ["from_checkpoint", "face_embedder"])
 def test_hub_load_from_a_checkpoint(tmp_path, entry):
     torch.manual_seed(0)
