@@ -154,7 +154,7 @@ def run(args) -> None:
         check_images_exist(args.images)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
-    threshold = decision_threshold(args.threshold, loaded.best_distance_threshold, args.model_path)
+    threshold = decision_threshold(args.threshold, loaded.best_distance_threshold, args.model_path, args.flip)
     embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size, align=args.align)
 
     if args.pairs_csv is None:

@@ -64,13 +64,26 @@ def embed_images(model: nn.Module, images: torch.Tensor, flip: bool = False) -> 
     return scale * F.normalize(original + mirrored, p=2, dim=1)
 
 
-def decision_threshold(threshold: float | None, stored: float | None, model_path) -> float:
+def decision_threshold(
+    threshold: float | None, stored: float | None, model_path, flip: bool = False
+) -> float:
     """The distance below which two faces are the same person: ``threshold`` when given, else the one the
-    checkpoint stored (its best LFW threshold); an InputError when there is neither."""
+    checkpoint stored (its best LFW threshold); an InputError when there is neither.
+
+    The stored threshold was chosen on embeddings of unflipped images; with ``flip`` the distances come out
+    shorter (the average of two views), so more pairs would pass it: a warning says how to get the right one.
+    """
     if threshold is not None:
         return threshold
     if stored is None:
         raise InputError(f"{model_path} stores no best_distance_threshold; pass --threshold")
+    if flip:
+        logger.warning(
+            "--flip with the checkpoint's threshold %.4f, which was chosen without flipping: flipped distances "
+            "are shorter, so more pairs pass it; validate_on_LFW.py --flip prints the threshold to pass as "
+            "--threshold",
+            stored,
+        )
     return stored
 
 

@@ -241,3 +241,13 @@ def test_preprocess_preset_for_checkpoints_without_their_own(files, tmp_path, ca
     assert "--align" in help_text and all(
         name in help_text for name in ("original-2020", "original-2021", "facenet-pytorch")
     )
+
+
+def test_flip_with_the_stored_threshold_warns_and_an_explicit_threshold_does_not(files, capsys, caplog):
+    photos = [str(files / "photos" / name) for name in ("a.png", "b.png")]
+    argv = ["--model_path", str(files / "model.pt"), "--flip", *photos]
+    assert run_main(capsys, argv)[0] == 0
+    assert "--flip with the checkpoint's threshold 0.5000, which was chosen without flipping" in caplog.text
+    caplog.clear()
+    assert run_main(capsys, [*argv, "--threshold", "0.4"])[0] == 0
+    assert "--flip" not in caplog.text
