@@ -263,7 +263,19 @@ def read_checkpoint(path) -> dict:
         raise InputError(f"could not read checkpoint {path}: {_load_error_reason(error)}") from None
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    checkpoint = _without_module_prefix(checkpoint)
+    if isinstance(checkpoint.get("model_state_dict"), dict):
+        checkpoint["model_state_dict"] = _without_module_prefix(checkpoint["model_state_dict"])
     return checkpoint
+
+
+def _without_module_prefix(state: dict) -> dict:
+    """A state dict saved from a model wrapped in nn.DataParallel / DDP has every key prefixed ``module.``:
+    the same weights without it (anything else unchanged)."""
+    prefix = "module."
+    if state and all(isinstance(key, str) and key.startswith(prefix) for key in state):
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return state
 
 
 def _load_error_reason(error: Exception) -> str:

@@ -67,11 +67,14 @@ def random_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
 # ------------------------------------------------------------------------------------------ the three layouts
 
 
-@pytest.mark.parametrize("numpy1_names", [True, False])
-def test_original_2020_checkpoint_loads_and_embeds_like_reference(tmp_path, numpy1_names):
+@pytest.mark.parametrize("numpy1_names, data_parallel", [(True, False), (False, False), (False, True)])
+def test_original_2020_checkpoint_loads_and_embeds_like_reference(tmp_path, numpy1_names, data_parallel):
     net = reference_resnet(18, "sequential", seed=1)
     path = tmp_path / "model_resnet18_triplet_epoch_7.pt"
-    (save_like_numpy1 if numpy1_names else torch.save)(original_2020_checkpoint(net), path)
+    checkpoint = original_2020_checkpoint(net)
+    if data_parallel:  # saved from nn.DataParallel(model): every key prefixed "module."
+        checkpoint["model_state_dict"] = {f"module.{k}": v for k, v in checkpoint["model_state_dict"].items()}
+    (save_like_numpy1 if numpy1_names else torch.save)(checkpoint, path)
 
     loaded = load_checkpoint(path)
     assert loaded.layout == LAYOUT_ORIGINAL_2020
