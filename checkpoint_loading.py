@@ -1,14 +1,17 @@
 """Reading face-embedding checkpoints: which layout a file is, its preprocessing, its model, safely.
 
-`load_checkpoint` reads four layouts, told apart by their keys (no flag needed):
+`load_checkpoint` reads five layouts, told apart by their keys (no flag needed):
 
 - "this repository": written by train_triplet.py / train_center.py / train_margin.py (``format_version``
   1). It stores the image size and normalisation it was trained with, so embedding uses exactly the training
   preprocessing, and may store the face alignment its training crops had (``alignment``).
 - "original-2020": tamerthamoqa/facenet-pytorch-vggface2 checkpoints from 2020 on, same model layout
   (head ``Linear, BatchNorm1d, ReLU, Linear``) but no preprocessing info. Its 2020 models were trained at
-  224 px with mean = std = 0.5 (preset "original-2020", the default); its 2021 models have the same keys
-  but were trained at 140 px with the VGGFace2 mean and std: load those with ``preprocess="original-2021"``.
+  224 px with mean = std = 0.5 (preset "original-2020", the default); a file of this layout trained at
+  140 px with the VGGFace2 mean and std loads with ``preprocess="original-2021"``.
+- "original-2021": the same repository after its move to Glint360K (facenet-pytorch-glint360k, its
+  98.45% ResNet-34 at 512 dimensions): a single ``Linear`` head without bias and plain unit embeddings,
+  trained at 140 px with the mean and std of its tightly cropped faces (preset "original-2021").
 - "original-2019": that repository's first published model (``model_resnet34_triplet.pt``, 91% on LFW),
   a ResNet with a single ``Linear`` head whose embeddings are scaled to norm 10. Its stored distance
   threshold lives on that scale, so `LegacyResnetTriplet` keeps the scale and distances stay comparable.
@@ -58,6 +61,7 @@ __all__ = [
     "LAYOUT_THIS_REPOSITORY",
     "LAYOUT_ORIGINAL_2020",
     "LAYOUT_ORIGINAL_2019",
+    "LAYOUT_ORIGINAL_2021",
     "LAYOUT_FACENET_PYTORCH",
     "PREPROCESS_PRESETS",
     "SAFE_NUMPY_GLOBALS",
@@ -77,6 +81,9 @@ CHECKPOINT_FORMAT_VERSION = 1  # the newest `format_version` this loader underst
 LAYOUT_THIS_REPOSITORY = "this repository"
 LAYOUT_ORIGINAL_2020 = "original-2020"
 LAYOUT_ORIGINAL_2019 = "original-2019"
+LAYOUT_ORIGINAL_2021 = "original-2021"
+# the original's layouts whose embedding head is one Linear at model.fc (LegacyResnetTriplet)
+_LINEAR_HEAD_LAYOUTS = (LAYOUT_ORIGINAL_2019, LAYOUT_ORIGINAL_2021)
 LAYOUT_FACENET_PYTORCH = "facenet-pytorch"
 
 # Preprocessing of checkpoints that do not store theirs. The original repository trained and evaluated at
@@ -108,6 +115,7 @@ def _slashed(values) -> str:
 _LAYOUT_PRESET = {
     LAYOUT_ORIGINAL_2020: "original-2020",
     LAYOUT_ORIGINAL_2019: "original-2020",
+    LAYOUT_ORIGINAL_2021: "original-2021",
     LAYOUT_FACENET_PYTORCH: "facenet-pytorch",
 }
 
@@ -151,21 +159,23 @@ _RESNET_DEPTH_BY_BLOCKS = {
 
 
 class LegacyResnetTriplet(nn.Module):
-    """The original repository's 2019 ResNet triplet model, rebuilt to load its published weights.
+    """The original repository's 2019 and 2021 ResNet triplet models, rebuilt to load their published weights.
 
-    The head is one ``Linear(in_features, embedding_dim)`` at ``model.fc`` and the forward pass returns
-    ``10 * normalize(x)``: the original multiplied its unit embeddings by ``alpha = 10``, and its stored
-    ``best_distance_threshold`` is on that scale.
+    The head is one ``Linear(in_features, embedding_dim)`` at ``model.fc``. 2019: with a bias, and the
+    forward pass returns ``10 * normalize(x)`` (the original multiplied its unit embeddings by
+    ``alpha = 10``, and its stored ``best_distance_threshold`` is on that scale). 2021: no bias, unit
+    embeddings (``bias=False, distance_scale=1.0``).
     """
 
-    distance_scale = 10.0
-
-    def __init__(self, depth: int = 34, embedding_dim: int = 128):
+    def __init__(
+        self, depth: int = 34, embedding_dim: int = 128, bias: bool = True, distance_scale: float = 10.0
+    ):
         super().__init__()
         self.depth = depth
         self.embedding_dim = embedding_dim
+        self.distance_scale = float(distance_scale)
         self.model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-        self.model.fc = nn.Linear(self.model.fc.in_features, embedding_dim)
+        self.model.fc = nn.Linear(self.model.fc.in_features, embedding_dim, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.distance_scale * F.normalize(self.model(images).float(), p=2, dim=1)
@@ -307,7 +317,7 @@ def detect_layout(checkpoint: Mapping, path="checkpoint") -> str:
         keys = ", ".join(sorted(map(str, checkpoint))[:8]) or "none"
         raise InputError(f"{path} is not a model checkpoint: no 'model_state_dict' (its keys: {keys})")
     if "model.fc.weight" in state and "model.fc.0.weight" not in state:
-        return LAYOUT_ORIGINAL_2019
+        return LAYOUT_ORIGINAL_2019 if "model.fc.bias" in state else LAYOUT_ORIGINAL_2021
     if any(f"model.{head}.0.weight" in state for head in ("fc", "classif")):
         return LAYOUT_THIS_REPOSITORY if "format_version" in checkpoint else LAYOUT_ORIGINAL_2020
     if _INCEPTION_RESNET_V1_KEY in state:
@@ -348,9 +358,9 @@ def load_for_training(path, num_classes: int | None = None, preprocess: str | No
     like that). Its model is an ``EmbeddingModel`` of ``build_model(architecture, embedding_dim,
     num_classes)`` with every parameter trainable; with ``num_classes`` a new, randomly initialised
     classifier of that size replaces any stored one (the stored one classifies the old identities), and
-    without it none is kept. The 2019 layout's head (one Linear, embeddings scaled by 10) has no counterpart
-    among the models trained here: its backbone is loaded under a new, randomly initialised embedding head of
-    the stored size, and ``new_head`` says so (its distance threshold, on the old head's scale, is dropped).
+    without it none is kept. The 2019 and 2021 layouts' heads (one Linear) have no counterpart among the
+    models trained here: the backbone is loaded under a new, randomly initialised embedding head of the
+    stored size, and ``new_head`` says so (the distance threshold, of the old head, is dropped).
     """
     return _load(path, preprocess, None, num_classes=num_classes, keep_classifier=False)
 
@@ -366,7 +376,7 @@ def _load(
     architecture = _architecture(checkpoint, state, layout, path)
     embedding_dim = _embedding_dim(state, layout, architecture)
     if keep_classifier:  # the 2019 center-loss models' classifier plays no part in embedding
-        stored = layout != LAYOUT_ORIGINAL_2019 and "model.classifier.weight" in state
+        stored = layout not in _LINEAR_HEAD_LAYOUTS and "model.classifier.weight" in state
         num_classes = int(state["model.classifier.weight"].shape[0]) if stored else None
     model, state, new_head = _model_for(
         layout, architecture, embedding_dim, num_classes, state, keep_classifier
@@ -401,13 +411,16 @@ def _model_for(
     layout: str, architecture: str, embedding_dim: int, num_classes, state: Mapping, keep_classifier: bool
 ) -> tuple[nn.Module, dict, bool]:
     """The model to load ``state`` into, ``state`` without what that model does not take, and whether the
-    model's embedding head is new (fine-tuning a 2019 model: its single Linear has no counterpart here)."""
-    if not keep_classifier or layout == LAYOUT_ORIGINAL_2019:
+    model's embedding head is new (fine-tuning a 2019 or 2021 model: its single Linear has no counterpart here)."""
+    if not keep_classifier or layout in _LINEAR_HEAD_LAYOUTS:
         state = {key: value for key, value in state.items() if not key.startswith("model.classifier.")}
-    if layout != LAYOUT_ORIGINAL_2019:
+    if layout not in _LINEAR_HEAD_LAYOUTS:
         return build_model(architecture, embedding_dim, num_classes), state, False
     if keep_classifier:
-        return LegacyResnetTriplet(int(architecture.removeprefix("resnet")), embedding_dim), state, False
+        depth = int(architecture.removeprefix("resnet"))
+        if layout == LAYOUT_ORIGINAL_2021:
+            return LegacyResnetTriplet(depth, embedding_dim, bias=False, distance_scale=1.0), state, False
+        return LegacyResnetTriplet(depth, embedding_dim), state, False
     state = {key: value for key, value in state.items() if not key.startswith("model.fc.")}
     return build_model(architecture, embedding_dim, num_classes), state, True
 
@@ -482,7 +495,7 @@ def _architecture(checkpoint: Mapping, state: Mapping, layout: str, path) -> str
         return f"resnet{depth}"
     name = str(name).lower()
     supported = (
-        [n for n in MODEL_NAMES if n.startswith("resnet")] if layout == LAYOUT_ORIGINAL_2019 else MODEL_NAMES
+        [n for n in MODEL_NAMES if n.startswith("resnet")] if layout in _LINEAR_HEAD_LAYOUTS else MODEL_NAMES
     )
     if name not in supported:
         raise InputError(
@@ -502,7 +515,7 @@ def resnet_depth_from_keys(state: Mapping) -> int | None:
 
 def _embedding_dim(state: Mapping, layout: str, architecture: str) -> int:
     """The output size of the embedding head's last Linear layer."""
-    if layout == LAYOUT_ORIGINAL_2019:
+    if layout in _LINEAR_HEAD_LAYOUTS:
         return int(state["model.fc.weight"].shape[0])
     if architecture == "inception_resnet_v1":
         key = "model.last_linear.weight"

@@ -12,7 +12,7 @@ reads columns ``image1,image2`` and writes ``image1,image2,distance,same``; each
 once. Photos should be aligned face crops like the training data, or, with ``--align``, any photos: the face
 is then found with MTCNN and cropped the way the checkpoint's training data was (see inference.py; a photo
 without a face is an error, of several faces the largest is used). ``--preprocess`` names the preprocessing
-of a checkpoint that does not store its own (the original's 2021 models: ``--preprocess original-2021``).
+of a checkpoint that does not store its own (the original's 2021 files get ``original-2021`` from their layout).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Face checkpoints of every layout, written in the test the way their authors wrote them.
 
-The original repository's 2019 and 2020 layouts (its 2021 files have the 2020 keys) and this repository's,
+The original repository's 2019, 2020 and 2021 (Glint360K) layouts and this repository's,
 built from torchvision ResNets with the original's heads and saved as plain dicts (the threshold a numpy
 float64, pickled under numpy 1.x names for the original's files). Shared by tests/test_inference.py and
 tests/test_finetune.py.
@@ -30,10 +30,12 @@ def randomize_batch_norm(model: nn.Module, seed: int) -> nn.Module:
 
 
 def reference_resnet(depth: int, head: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
-    """torchvision ResNet with the original's head: "sequential" (2020 on) or "linear" (2019)."""
+    """torchvision ResNet with the original's head: "linear" (2019), "sequential" (2020), "linear_no_bias" (2021)."""
     torch.manual_seed(seed)
     net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    if head == "sequential":
+    if head == "linear_no_bias":  # 2021: one Linear without bias, plain unit embeddings
+        net.fc = nn.Linear(net.fc.in_features, EMBEDDING_DIM, bias=False)
+    elif head == "sequential":
         net.fc = nn.Sequential(
             nn.Linear(net.fc.in_features, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, EMBEDDING_DIM)
         )

@@ -90,6 +90,36 @@ def test_original_2020_checkpoint_loads_and_embeds_like_reference(tmp_path, nump
     torch.testing.assert_close(FaceEmbedder(loaded).embed(images), expected, atol=2e-5, rtol=1e-4)
 
 
+def test_original_2021_checkpoint_loads_as_its_own_layout_with_its_preprocessing(tmp_path):
+    """The Glint360K-era file: one Linear without bias, unit embeddings, 140 px with its mean and std."""
+    net = reference_resnet(18, "linear_no_bias", seed=4)
+    path = tmp_path / "model_resnet34_triplet.pt"
+    save_like_numpy1({**original_2020_checkpoint(net), "best_distance_threshold": np.float64(0.98)}, path)
+
+    loaded = load_checkpoint(path)
+    assert loaded.layout == checkpoint_loading.LAYOUT_ORIGINAL_2021
+    assert (loaded.architecture, loaded.embedding_dim, loaded.best_distance_threshold) == (
+        "resnet18",
+        16,
+        0.98,
+    )
+    preset = checkpoint_loading.PREPROCESS_PRESETS["original-2021"]
+    assert (loaded.image_size, loaded.mean, loaded.std) == (140, preset.mean, preset.std)
+    assert loaded.distance_scale == 1.0 and loaded.preprocess == "original-2021"
+
+    images = random_images(3, 140, seed=5)
+    expected = reference_embedding(
+        net, torch.stack([preprocess_reference(i, preset.mean, preset.std) for i in images]), "linear_no_bias"
+    )
+    torch.testing.assert_close(FaceEmbedder(loaded).embed(images), expected, atol=2e-5, rtol=1e-4)
+    # fine-tuning: the backbone under a new head of ours, the old head's threshold dropped
+    for_training = inference.load_for_training(path)
+    assert for_training.new_head and for_training.best_distance_threshold is None
+    backbone = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    for key, value in backbone.items():
+        assert torch.equal(for_training.model.state_dict()[f"model.{key}"], value), key
+
+
 @pytest.mark.parametrize(
     "depth, named, num_classes",
     [(34, False, None), (18, True, None), (18, True, 7)],  # the published model, and a center-loss one
