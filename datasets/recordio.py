@@ -298,9 +298,30 @@ def image_keys(reader: RecordIOReader) -> np.ndarray:
             f"{reader.rec_path}: the header record 0 says the file has no images (an unfinished pack? "
             f"run the same pack_recordio.py command again to complete it)"
         )
-    keys = np.arange(1, int(end), dtype=np.int64)
+    end = int(end)
+    if end > FLOAT32_EXACT:
+        end = exact_image_end(reader, end)
+    keys = np.arange(1, end, dtype=np.int64)
     reader.offsets_of(keys)  # every promised image key must be in the index
     return keys
+
+
+# insightface stores the header's key range as float32, exact for integers up to 2^24 only: WebFace42M's end
+# key 42,474,558 reads back as 42,474,560, two identity records (which hold no image) past the last image
+FLOAT32_EXACT = 2**24
+
+
+def exact_image_end(reader: RecordIOReader, rounded_end: int) -> int:
+    """The first key after the images, near ``rounded_end`` (the header's float32 value): the lowest key
+    within float32's rounding of it whose record holds no image bytes (the first identity record)."""
+    spacing = 2 ** max(0, int(np.floor(np.log2(rounded_end))) - 23)  # float32's step at that magnitude
+    for key in range(max(1, rounded_end - spacing), rounded_end + spacing + 1):
+        if key not in reader or reader.read_header(key)[1] == 0:
+            return key
+    raise InputError(
+        f"{reader.rec_path}: the header record 0 ends the images at about {rounded_end}, but every record "
+        f"from {rounded_end - spacing} to {rounded_end + spacing} holds an image"
+    )
 
 
 def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:

@@ -344,3 +344,40 @@ def test_cli_runs_as_a_script_from_the_repository_root(tiny_face_tree, tmp_path)
     )
     assert result.returncode == 0, result.stderr
     assert rec_path.is_file() and rec_path.with_suffix(".idx").is_file()
+
+
+class RecordsByKey:
+    """A stand-in reader: which keys exist, and which of them hold an image (the rest: identity records)."""
+
+    def __init__(self, image_keys, other_keys, rec_path="big.rec"):
+        self.images, self.others, self.rec_path = set(image_keys), set(other_keys), rec_path
+
+    def __contains__(self, key):
+        return key in self.images or key in self.others
+
+    def read_header(self, key):
+        return None, 100 if key in self.images else 0
+
+
+def test_a_float32_header_end_past_2_24_is_corrected_to_where_the_images_stop():
+    true_end = 42_474_558  # WebFace42M: 42,474,557 images from key 1
+    rounded = int(np.float32(true_end))
+    assert rounded == 42_474_560  # what insightface's float32 header label gives back
+    near = range(true_end - 20, true_end)
+    reader = RecordsByKey(near, range(true_end, true_end + 20))
+    assert recordio.exact_image_end(reader, rounded) == true_end
+    below = int(np.float32(true_end + 3))  # a true end that float32 rounds down
+    reader = RecordsByKey(range(true_end - 20, true_end + 3), range(true_end + 3, true_end + 20))
+    assert below < true_end + 3 and recordio.exact_image_end(reader, below) == true_end + 3
+    with pytest.raises(InputError, match="holds an image"):
+        recordio.exact_image_end(RecordsByKey(range(true_end - 20, true_end + 20), []), rounded)
+
+
+def test_a_header_end_past_the_exact_range_does_not_take_identity_records_for_images(tmp_path, monkeypatch):
+    images = {key: pack_record(key % 2, image_file_bytes(key, tmp_dir=tmp_path)) for key in range(1, 6)}
+    identities = {6: pack_record(0, b"", label_vector=[1, 4]), 7: pack_record(0, b"", label_vector=[4, 6])}
+    header = {0: pack_record(0, b"", label_vector=[7, 8])}  # the end (6) rounded up by one
+    rec_path = write_rec(tmp_path / "big.rec", {**header, **images, **identities})
+    monkeypatch.setattr(recordio, "FLOAT32_EXACT", 4)  # as if these keys were past 2^24
+    dataset = RecordIOFaceDataset(rec_path)
+    assert dataset.keys.tolist() == [1, 2, 3, 4, 5] and dataset.num_classes == 2
