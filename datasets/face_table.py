@@ -41,7 +41,7 @@ class FaceTable(NamedTuple):
     """One row per image: `paths[i]` is an image of identity `names[labels[i]]`."""
 
     root_dir: str
-    paths: np.ndarray  # (N,) str, full paths
+    paths: np.ndarray  # (N,) str, full paths (a .rec's: face_source.RecordPaths, made per row when asked for)
     labels: np.ndarray  # (N,) int64 in 0..num_classes-1
     names: list[str]  # identity (folder) name of each class
     num_classes: int

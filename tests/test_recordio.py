@@ -381,3 +381,13 @@ def test_a_header_end_past_the_exact_range_does_not_take_identity_records_for_im
     monkeypatch.setattr(recordio, "FLOAT32_EXACT", 4)  # as if these keys were past 2^24
     dataset = RecordIOFaceDataset(rec_path)
     assert dataset.keys.tolist() == [1, 2, 3, 4, 5] and dataset.num_classes == 2
+
+
+def test_a_rec_tables_paths_are_made_per_row_and_name_the_record(packed_tree):
+    from datasets.face_source import RecordPaths, open_face_table
+
+    _, rec_path = packed_tree
+    table, decode = open_face_table(str(rec_path))
+    assert isinstance(table.paths, RecordPaths) and len(table.paths) == 9  # no string array of every row
+    assert [table.paths[row] for row in (0, 8)] == [f"{rec_path}#1", f"{rec_path}#9"]
+    assert np.array_equal(np.asarray(decode(table.paths[3])), np.asarray(RecordIOFaceDataset(rec_path)[3][0]))
