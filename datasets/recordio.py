@@ -7,7 +7,8 @@ mxnet no longer installs on current Python, so this is a reader and writer of ou
   bits: continuation flag, lower 29 bits: payload length), then the payload padded with zeros to a multiple of
   4 bytes. A writer that meets the magic number at a 4-aligned position inside a payload splits the payload
   there into parts (flag 1 = first, 2 = middle, 3 = last; 0 = whole record) and drops those 4 bytes; a
-  reader joins the parts with the magic number between them. We read such records; we write flag 0 only.
+  reader joins the parts with the magic number between them. We read and write such records the same way
+  (a reader that finds records by scanning for the magic number, as dmlc's InputSplit does, needs them).
 - `.idx`: text lines `key<TAB>byte offset of the record in the .rec`.
 - image payload (mxnet.recordio.pack, https://mxnet.apache.org/versions/1.9.1/api/python/docs/api/mxnet/recordio/):
   a `<IfQQ` header (flag, label, id, id2); when flag > 0, `flag` float32 values follow (a label vector whose
@@ -112,13 +113,25 @@ def unpack_header(payload) -> tuple[RecordHeader, bytes]:
 
 
 def encode_record(payload: bytes) -> bytes:
-    """One whole (flag 0) record: magic, length, payload, zero padding to a multiple of 4 bytes."""
+    """A record as dmlc-core's writer makes it: magic, lrecord, payload, zero padding to a multiple of 4 bytes.
+
+    Where the payload holds the magic number at a 4-aligned position, it is split there into parts (flag 1,
+    then 2, last 3; a record of one part has flag 0) and those 4 bytes are left out: `RecordIOReader.read`
+    puts them back. Every part but the last is a multiple of 4 bytes long, so only the last is padded.
+    """
     if len(payload) > MAX_PAYLOAD:
         raise InputError(
             f"a record payload of {len(payload)} bytes exceeds RecordIO's limit of {MAX_PAYLOAD}"
         )
-    padding = b"\0" * (padded_length(len(payload)) - len(payload))
-    return RECORD_HEAD.pack(MAGIC, len(payload)) + payload + padding
+    words = np.frombuffer(payload, dtype="<u4", count=len(payload) // 4)
+    cuts = (np.flatnonzero(words == MAGIC) * 4).tolist()
+    starts, ends = [0, *(cut + 4 for cut in cuts)], [*cuts, len(payload)]
+    flags = [0] if not cuts else [1] + [2] * (len(cuts) - 1) + [3]
+    pieces = []
+    for flag, start, end in zip(flags, starts, ends, strict=True):
+        pieces += [RECORD_HEAD.pack(MAGIC, (flag << LENGTH_BITS) | (end - start)), payload[start:end]]
+    pieces.append(b"\0" * (padded_length(len(payload)) - len(payload)))
+    return b"".join(pieces)
 
 
 class RecordIOReader:
@@ -551,6 +564,24 @@ def _append(rec, idx, key: int, payload: bytes) -> None:
     idx.flush()
 
 
+def _record_end(rec, offset: int, rec_size: int) -> int | None:
+    """Where the record starting at ``offset`` ends (all of its parts), or None if it is not whole there."""
+    first = True
+    while True:
+        rec.seek(offset)
+        head = rec.read(RECORD_HEAD.size)
+        if len(head) < RECORD_HEAD.size:
+            return None
+        magic, lrecord = RECORD_HEAD.unpack(head)
+        cflag, length = lrecord >> LENGTH_BITS, lrecord & MAX_PAYLOAD
+        offset += RECORD_HEAD.size + (padded_length(length) if cflag in (0, 3) else length)
+        if magic != MAGIC or cflag not in ((0, 1) if first else (2, 3)) or offset > rec_size:
+            return None
+        if cflag in (0, 3):
+            return offset
+        first = False
+
+
 def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, int]:
     """(next key to write, byte where it goes) after what an earlier run left; (0, 0) to start afresh.
 
@@ -586,16 +617,12 @@ def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, i
     with open(rec_path, "rb") as rec:
         expected_offset = 0
         for number, offset in enumerate(offsets):
-            rec.seek(offset)
-            head = rec.read(RECORD_HEAD.size)
-            if offset != expected_offset or len(head) < RECORD_HEAD.size:
+            record_end = _record_end(rec, offset, rec_size) if offset == expected_offset else None
+            if record_end is None:
                 break
-            magic, lrecord = RECORD_HEAD.unpack(head)
-            record_end = offset + RECORD_HEAD.size + padded_length(lrecord & MAX_PAYLOAD)
-            if magic != MAGIC or lrecord >> LENGTH_BITS != 0 or record_end > rec_size:
-                break
-            if number == 0:
-                header, _ = unpack_header(rec.read(lrecord & MAX_PAYLOAD))
+            if number == 0:  # our header record: whole, its payload right after the record head
+                rec.seek(offset + RECORD_HEAD.size)
+                header, _ = unpack_header(rec.read(record_end - offset - RECORD_HEAD.size))
                 if header.flag != 2 or header.id != listing_id:
                     raise InputError(
                         f"{rec_path} already holds another dataset (written from another folder or by another "

@@ -391,3 +391,48 @@ def test_a_rec_tables_paths_are_made_per_row_and_name_the_record(packed_tree):
     assert isinstance(table.paths, RecordPaths) and len(table.paths) == 9  # no string array of every row
     assert [table.paths[row] for row in (0, 8)] == [f"{rec_path}#1", f"{rec_path}#9"]
     assert np.array_equal(np.asarray(decode(table.paths[3])), np.asarray(RecordIOFaceDataset(rec_path)[3][0]))
+
+
+def test_a_payload_holding_the_magic_number_is_written_in_parts_as_dmlc_does():
+    body = b"abcd" + MAGIC_BYTES + b"efgh" + MAGIC_BYTES + b"ij" + MAGIC_BYTES  # the last one unaligned
+    data = encode_record(body)
+    # dmlc-core's WriteRecord: split at each 4-aligned magic, flags 1, 2 ... 3, those 4 bytes left out
+    parts, offset = [], 0
+    while offset < len(data):
+        magic, lrecord = struct.unpack_from("<II", data, offset)
+        flag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
+        parts.append((magic, flag, data[offset + 8 : offset + 8 + length]))
+        offset += 8 + length + (-length % 4 if flag in (0, 3) else 0)
+    assert parts == [(MAGIC, 1, b"abcd"), (MAGIC, 2, b"efgh"), (MAGIC, 3, b"ij" + MAGIC_BYTES)]
+    assert offset == len(data) and len(data) % 4 == 0
+    assert encode_record(b"abcdefgh") == struct.pack("<II", MAGIC, 8) + b"abcdefgh"  # flag 0: whole
+
+
+def test_a_pack_with_split_records_reads_back_and_resumes_byte_identical(
+    make_face_tree, tmp_path, monkeypatch
+):
+    root = make_face_tree(counts=(3, 2))
+    first = root / "id_000" / "img_00.jpg"  # key 1; its payload is a 24-byte header + the file's bytes
+    first.write_bytes(first.read_bytes() + b"\0" * (-first.stat().st_size % 4) + MAGIC_BYTES * 2 + b"tail")
+    whole = write_recordio(root, tmp_path / "whole" / "train.rec")
+    reader = RecordIOReader(whole.rec_path)
+    assert unpack_header(reader.read(1))[1] == first.read_bytes()  # the parts joined back
+    with open(whole.rec_path, "rb") as f:  # record 1 is in three parts, as a dmlc reader expects
+        f.seek(int(reader.offsets_of([1])[0]))
+        assert struct.unpack("<II", f.read(8))[1] >> 29 == 1
+
+    append, calls = recordio._append, []
+
+    def interrupted(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args)
+        append(*args)
+
+    rec_path = tmp_path / "resumed" / "train.rec"
+    monkeypatch.setattr(recordio, "_append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_recordio(root, rec_path)
+    monkeypatch.setattr(recordio, "_append", append)
+    assert write_recordio(root, rec_path).num_resumed == 3  # the split record 1 counted as whole
+    assert rec_path.read_bytes() == Path(whole.rec_path).read_bytes()
