@@ -167,8 +167,8 @@ def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsy
     tiny = TinyEmbedder()
     real_loader = validate_on_LFW.load_checkpoint
 
-    def load_tiny(path, device="cpu", image_size=None):
-        loaded = real_loader(path, device, image_size=image_size)
+    def load_tiny(path, device="cpu", image_size=None, preprocess=None):
+        loaded = real_loader(path, device, image_size=image_size, preprocess=preprocess)
         loaded.model = tiny  # everything real but the (expensive) network: counting is what matters here
         loaded.embedding_dim = tiny.linear.out_features
         return loaded
