@@ -8,6 +8,7 @@
 - HARNESS_FAIL_LOAD=r:n: rank r's n-th sample raises ValueError("unreadable image") as it is loaded (before
   the forward, whose DDP broadcast the other ranks are then inside).
 - HARNESS_KILL=r:n: rank r kills itself with SIGKILL at its n-th loss computation (no chance to checkpoint).
+- HARNESS_ATTEMPT=a: the faults above only in torchrun's restart attempt a (TORCHELASTIC_RESTART_COUNT).
 - HARNESS_READY_DIR=d: each rank writes d/rank<r>.pid at its first loss computation.
 - HARNESS_STEP_SLEEP=s: each loss computation sleeps s seconds first (so a signal lands mid-epoch).
 - HARNESS_DUMP_DIR=d: after training, each rank writes d/rank<r>.pt: its model parameters and the dataset
@@ -39,7 +40,8 @@ loaded_indices = []
 
 def rank_and_count(variable):
     value = os.environ.get(variable)
-    if not value:
+    attempt = os.environ.get("HARNESS_ATTEMPT")
+    if not value or (attempt is not None and attempt != os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):
         return None
     rank, count = value.split(":")
     return int(rank), int(count)

@@ -140,6 +140,25 @@ def test_a_failure_outside_the_agreed_step_still_ends_every_rank_with_its_messag
     assert output.count(f"error: rank 1: {message}") == 2, output[-3000:]
 
 
+def test_torchrun_max_restarts_recovers_from_a_failed_rank_with_auto_resume(tiny_demo_data, tmp_path):
+    """The README's cluster recipe: a rank fails in the first attempt only; torchrun restarts both, which
+    resume from the last checkpoint and finish (the failure of attempt 0 does not end attempt 1)."""
+    args = triplet_args(tiny_demo_data, tmp_path / "run", "--epochs", "2", "--resume_path", "auto")
+    command = [*torchrun(2, "--standalone", "--max_restarts", "1"), HARNESS, "train_triplet.py", *args]
+    # the README's advice for restarts (a restart on torchrun's shared store can fail to connect)
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    try:
+        result = run(command, timeout=240, fail="1:5", attempt="0")  # 3 steps an epoch: step 2 of epoch 2
+    finally:
+        del os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "error: rank 1: injected failure" in output
+    assert "resumed from" in output and "continuing at epoch 2" in output
+    with (tmp_path / "run" / "training_log.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

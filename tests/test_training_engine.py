@@ -509,3 +509,13 @@ def test_a_stop_request_during_validation_ends_the_run_after_that_epochs_checkpo
     assert train_triplet.main([str(a) for a in argv]) == 143
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["model_resnet18_triplet_epoch_1.pt"]  # no step of epoch 2 ran
+
+
+def test_restarts_on_torchruns_shared_store_get_the_workaround_named():
+    from training.runtime import restart_store_warning
+
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_store_warning(shared)
+    assert restart_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_store_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert restart_store_warning({}) is None

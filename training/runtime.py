@@ -62,6 +62,8 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             "use --device cuda (each process takes its local GPU) or auto"
         )
     device = resolve_device(args.device, local_rank)
+    if rank == 0 and (warning := restart_store_warning(os.environ)):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -80,6 +82,22 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         amp_dtype=resolve_amp(args.amp, device),
         eval_amp_dtype=resolve_amp(args.amp, device, training=False),
         local_world_size=local_world_size,
+    )
+
+
+def restart_store_warning(environ) -> str | None:
+    """What to do when torchrun restarts workers on a rendezvous store it shares with them, or None.
+
+    With that sharing (torchrun's default since PyTorch 2.4), a restarted attempt can read the previous
+    attempt's connection keys and fail to connect (pytorch/pytorch#135712, #167288); this repository's
+    test of --max_restarts fails that way with gloo and passes with the sharing off.
+    """
+    shared = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return None
+    return (
+        "torchrun --max_restarts with its rendezvous store shared with the workers: a restart can fail to "
+        "connect (pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
     )
 
 
