@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def build_and_pack(root: Path, rec_path: Path, repetitions: int) -> tuple[int, float]:
     """Build the repeated LFW tree and pack it into `rec_path` afresh; (images, seconds the pack took)."""
-    from datasets.recordio import write_recordio
+    from datasets.recordio_writer import write_recordio
 
     start = time.perf_counter()
     num_images, num_identities, how = build_tree(SHARED_DATA / "lfw_112", root, repetitions)

@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.generate_csv_files import default_num_workers
-from datasets.recordio import write_recordio
+from datasets.recordio_writer import write_recordio
 from errors import InputError, report_input_errors
 
 

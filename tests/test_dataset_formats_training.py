@@ -14,7 +14,7 @@ import train_triplet
 from datasets.generate_csv_files import generate_csv
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.lfw_dataset import LFWDataset
-from datasets.recordio import write_recordio
+from datasets.recordio_writer import write_recordio
 from datasets.transforms import eval_transform
 from datasets.triplet_dataset import TripletFaceDataset
 from datasets.verification_bin import VerificationBinDataset, write_verification_bin

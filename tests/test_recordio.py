@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets.recordio as recordio
+import datasets.recordio_writer as recordio_writer
 from datasets.generate_csv_files import generate_csv
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.pack_recordio import main
@@ -23,8 +24,8 @@ from datasets.recordio import (
     encode_record,
     pack_record,
     unpack_header,
-    write_recordio,
 )
+from datasets.recordio_writer import write_recordio
 from datasets.transforms import eval_transform
 from errors import InputError
 from tests.conftest import write_random_image
@@ -176,7 +177,7 @@ def test_resumed_pack_is_byte_identical(make_face_tree, tmp_path, monkeypatch, n
     root = make_face_tree(counts=(3, 1, 2, 3))
     whole = write_recordio(root, tmp_path / "whole" / "train.rec")
 
-    append = recordio._append
+    append = recordio_writer._append
     calls = []
 
     def interrupted(*args):
@@ -187,10 +188,10 @@ def test_resumed_pack_is_byte_identical(make_face_tree, tmp_path, monkeypatch, n
 
     rec_path = tmp_path / "resumed" / "train.rec"
     idx_path = rec_path.with_suffix(".idx")
-    monkeypatch.setattr(recordio, "_append", interrupted)
+    monkeypatch.setattr(recordio_writer, "_append", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_recordio(root, rec_path)
-    monkeypatch.setattr(recordio, "_append", append)
+    monkeypatch.setattr(recordio_writer, "_append", append)
     lines = idx_path.read_text().splitlines()
     assert len(lines) == num_written
     with pytest.raises(InputError, match="no images"):  # the placeholder header: an unfinished file
@@ -378,7 +379,7 @@ def test_a_header_end_past_the_exact_range_does_not_take_identity_records_for_im
     identities = {6: pack_record(0, b"", label_vector=[1, 4]), 7: pack_record(0, b"", label_vector=[4, 6])}
     header = {0: pack_record(0, b"", label_vector=[7, 8])}  # the end (6) rounded up by one
     rec_path = write_rec(tmp_path / "big.rec", {**header, **images, **identities})
-    monkeypatch.setattr(recordio, "FLOAT32_EXACT", 4)  # as if these keys were past 2^24
+    monkeypatch.setattr(recordio, "MAX_EXACT_FLOAT32_INT", 4)  # as if these keys were past 2^24
     dataset = RecordIOFaceDataset(rec_path)
     assert dataset.keys.tolist() == [1, 2, 3, 4, 5] and dataset.num_classes == 2
 
@@ -421,7 +422,7 @@ def test_a_pack_with_split_records_reads_back_and_resumes_byte_identical(
         f.seek(int(reader.offsets_of([1])[0]))
         assert struct.unpack("<II", f.read(8))[1] >> 29 == 1
 
-    append, calls = recordio._append, []
+    append, calls = recordio_writer._append, []
 
     def interrupted(*args):
         if len(calls) == 3:
@@ -430,9 +431,9 @@ def test_a_pack_with_split_records_reads_back_and_resumes_byte_identical(
         append(*args)
 
     rec_path = tmp_path / "resumed" / "train.rec"
-    monkeypatch.setattr(recordio, "_append", interrupted)
+    monkeypatch.setattr(recordio_writer, "_append", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_recordio(root, rec_path)
-    monkeypatch.setattr(recordio, "_append", append)
+    monkeypatch.setattr(recordio_writer, "_append", append)
     assert write_recordio(root, rec_path).num_resumed == 3  # the split record 1 counted as whole
     assert rec_path.read_bytes() == Path(whole.rec_path).read_bytes()

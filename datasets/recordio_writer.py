@@ -1,0 +1,241 @@
+"""Packing a folder of identity folders into an insightface-style RecordIO `.rec` + `.idx`, resumably.
+
+The format and the reader are in `datasets/recordio.py`; `datasets/pack_recordio.py` is the command.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from datasets.face_table import FaceTable, read_face_csv
+from datasets.generate_csv_files import generate_csv
+from datasets.recordio import (
+    IMAGE_HEADER,
+    LENGTH_BITS,
+    MAGIC,
+    MAX_EXACT_FLOAT32_INT,
+    MAX_PAYLOAD,
+    RECORD_HEAD,
+    encode_record,
+    index_path_for,
+    pack_record,
+    padded_length,
+    unpack_header,
+)
+from errors import InputError
+
+# the header record insightface writes at key 0: a 24-byte header and a two-value label vector
+HEADER_RECORD_SIZE = RECORD_HEAD.size + IMAGE_HEADER.size + 8
+
+
+class PackSummary(NamedTuple):
+    num_images: int
+    num_identities: int
+    num_resumed: int  # records (header and images included) already complete from an interrupted run
+    rec_path: str
+    idx_path: str
+
+
+def write_recordio(
+    dataroot,
+    rec_path,
+    idx_path=None,
+    verify: bool = False,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> PackSummary:
+    """Pack `dataroot/<identity>/<image>` into an insightface-style .rec + .idx; resumes an interrupted run.
+
+    The listing is `generate_csv`'s: identity folders with images in sorted order (label = their index, as in
+    the CSV), images sorted by name; `verify` decodes each image first and leaves unreadable ones out. The
+    file bytes are stored as they are (no re-encoding). Layout, as insightface's:
+
+    - key 0 at byte 0: the header, label vector [N+1, N+1+C]. It is written first as a placeholder of the same
+      size (vector [0, 0]: a reader sees no images) and rewritten in place once everything else is written.
+      Its `id` field holds 64 bits of the listing's sha256, so a resume can tell it is the same dataset.
+    - keys 1 .. N: the images (flag 0, label = class index, id = key).
+    - keys N+1 .. N+C: one record per identity, label vector [first key, end key) of its images, no image.
+
+    Each record is flushed before its index line is written and flushed, so after an interruption the index
+    lists only records that are whole (a torn last line or record is cut off). Running the same command again
+    continues after the last whole record and gives the same bytes as an uninterrupted run. An existing
+    output made from another listing is an InputError; a complete one is left as it is.
+    """
+    rec_path = os.fspath(rec_path)
+    idx_path = os.fspath(idx_path) if idx_path is not None else index_path_for(rec_path)
+    if os.path.abspath(rec_path) == os.path.abspath(idx_path):
+        raise InputError(f"the .rec and its index must be two files, both are {rec_path}")
+    table = _list_dataset(dataroot, verify, num_workers)
+    num_images, num_classes = len(table.paths), table.num_classes
+    _check_key_range(num_images, num_classes)
+    listing_id = int.from_bytes(bytes.fromhex(table.fingerprint)[:8], "little")
+    final_header = pack_record(
+        0.0, b"", id=listing_id, label_vector=[num_images + 1, num_images + 1 + num_classes]
+    )
+    placeholder = pack_record(0.0, b"", id=listing_id, label_vector=[0, 0])
+
+    directory = os.path.dirname(os.path.abspath(rec_path))
+    os.makedirs(directory, exist_ok=True)
+    next_key, end_offset = _resume_point(rec_path, idx_path, listing_id)
+    num_records = 1 + num_images + num_classes
+    if next_key > num_records:
+        raise InputError(
+            f"{idx_path} lists more records than {dataroot} has; delete {rec_path} and {idx_path} "
+            "to pack from scratch"
+        )
+    num_resumed = next_key
+    with open(rec_path, "r+b" if os.path.exists(rec_path) else "w+b") as rec, open(idx_path, "ab") as idx:
+        rec.truncate(end_offset)
+        rec.seek(end_offset)
+        if next_key == 0:
+            _append(rec, idx, 0, placeholder)
+            next_key = 1
+        _append_records(rec, idx, table, next_key, num_records, progress)
+        _finish(rec, idx, final_header)
+    return PackSummary(num_images, num_classes, num_resumed, rec_path, idx_path)
+
+
+def _list_dataset(dataroot, verify: bool, num_workers: int | None) -> FaceTable:
+    """`generate_csv`'s listing of `dataroot` read back as a FaceTable; the CSV lives in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="pack-recordio-") as work_dir:
+        csv_path = os.path.join(work_dir, "listing.csv")
+        generate_csv(dataroot, csv_path, verify=verify, num_workers=num_workers)
+        return read_face_csv(dataroot, csv_path)
+
+
+def _check_key_range(num_images: int, num_classes: int) -> None:
+    """Raise InputError when the header's float32 key ranges could not hold every key exactly."""
+    if num_images + num_classes + 1 > MAX_EXACT_FLOAT32_INT:
+        raise InputError(
+            f"{num_images} images + {num_classes} identities are too many for one .rec: the header stores key "
+            f"ranges as float32, exact only up to {MAX_EXACT_FLOAT32_INT}"
+        )
+
+
+def _append_records(rec, idx, table: FaceTable, next_key: int, num_records: int, progress: bool) -> None:
+    """Append records `next_key` .. `num_records - 1`: the images, then one record per identity."""
+    num_classes = table.num_classes
+    # image keys of class c are class_starts[c] + 1 .. class_starts[c + 1] (key 0 is the header)
+    class_starts = np.zeros(num_classes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(table.labels, minlength=num_classes), out=class_starts[1:])
+    with tqdm(
+        total=num_records, initial=next_key, unit=" records", disable=not progress, desc="packing"
+    ) as bar:
+        for key in range(next_key, num_records):
+            _append(rec, idx, key, _record_payload(key, table, class_starts))
+            bar.update()
+
+
+def _record_payload(key: int, table: FaceTable, class_starts: np.ndarray) -> bytes:
+    """The payload of record `key`: image row key - 1, or (past the images) an identity's key range."""
+    num_images = len(table.paths)
+    if key <= num_images:
+        row = key - 1
+        return pack_record(int(table.labels[row]), _file_bytes(str(table.paths[row])), id=key)
+    label = key - num_images - 1
+    first, end = class_starts[label] + 1, class_starts[label + 1] + 1
+    return pack_record(0.0, b"", id=key, label_vector=[first, end])
+
+
+def _finish(rec, idx, final_header: bytes) -> None:
+    """Rewrite the placeholder at key 0 as the real header, then force both files to disk."""
+    rec.seek(0)
+    rec.write(encode_record(final_header))
+    rec.flush()
+    os.fsync(rec.fileno())
+    os.fsync(idx.fileno())
+
+
+def _file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _append(rec, idx, key: int, payload: bytes) -> None:
+    offset = rec.tell()
+    rec.write(encode_record(payload))
+    rec.flush()  # the record reaches the file before the index line that lists it
+    idx.write(f"{key}\t{offset}\n".encode())
+    idx.flush()
+
+
+def _record_end(rec, offset: int, rec_size: int) -> int | None:
+    """Where the record starting at ``offset`` ends (all of its parts), or None if it is not whole there."""
+    first = True
+    while True:
+        rec.seek(offset)
+        head = rec.read(RECORD_HEAD.size)
+        if len(head) < RECORD_HEAD.size:
+            return None
+        magic, lrecord = RECORD_HEAD.unpack(head)
+        cflag, length = lrecord >> LENGTH_BITS, lrecord & MAX_PAYLOAD
+        offset += RECORD_HEAD.size + padded_length(length)  # parts before the last are 4-byte multiples
+        if magic != MAGIC or cflag not in ((0, 1) if first else (2, 3)) or offset > rec_size:
+            return None
+        if cflag in (0, 3):
+            return offset
+        first = False
+
+
+def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, int]:
+    """(next key to write, byte where it goes) after what an earlier run left; (0, 0) to start afresh.
+
+    Also cuts the index back to its whole lines whose records are whole.
+    """
+    rec_size = os.path.getsize(rec_path) if os.path.exists(rec_path) else 0
+    idx_data = b""
+    if os.path.exists(idx_path):
+        with open(idx_path, "rb") as f:
+            idx_data = f.read()
+    if not idx_data.strip():
+        if rec_size > HEADER_RECORD_SIZE:  # at most our own placeholder, written before its index line
+            raise InputError(f"{rec_path} exists but {idx_path} lists no records; delete both to pack again")
+        with open(idx_path, "wb"):
+            pass
+        return 0, 0
+
+    if not os.path.exists(rec_path):
+        raise InputError(f"{idx_path} lists records but {rec_path} does not exist; delete it to pack again")
+    lines = idx_data.split(b"\n")[:-1]  # whatever follows the last newline is a torn line
+    line_ends = np.cumsum([len(line) + 1 for line in lines])
+    offsets = []
+    for number, line in enumerate(lines):
+        fields = line.split(b"\t")
+        if len(fields) != 2 or not all(field.isdigit() for field in fields) or int(fields[0]) != number:
+            raise InputError(
+                f"{idx_path}:{number + 1}: not written by an interrupted pack of this tool (expected "
+                f"'{number}<TAB>offset'); delete {rec_path} and {idx_path} to pack again"
+            )
+        offsets.append(int(fields[1]))
+
+    valid, end_offset = 0, 0
+    with open(rec_path, "rb") as rec:
+        expected_offset = 0
+        for number, offset in enumerate(offsets):
+            record_end = _record_end(rec, offset, rec_size) if offset == expected_offset else None
+            if record_end is None:
+                break
+            if number == 0:  # our header record: whole, its payload right after the record head
+                rec.seek(offset + RECORD_HEAD.size)
+                header, _ = unpack_header(rec.read(record_end - offset - RECORD_HEAD.size))
+                if header.flag != 2 or header.id != listing_id:
+                    raise InputError(
+                        f"{rec_path} already holds another dataset (written from another folder or by another "
+                        f"tool); delete it and {idx_path}, or choose another output"
+                    )
+            valid, end_offset, expected_offset = number + 1, record_end, record_end
+    if valid == 0:
+        with open(idx_path, "wb"):
+            pass
+        return 0, 0
+    with open(idx_path, "r+b") as f:
+        f.truncate(int(line_ends[valid - 1]))
+    return valid, end_offset
