@@ -46,24 +46,32 @@ def require_int(value, name: str, minimum: int = 1) -> int:
 def report_input_errors(body: Callable[[], object]) -> int:
     """Run a command's body; an InputError, or an OSError about a named path (an output folder that cannot be
     created, a file where a folder should be, a full disk), becomes one line on stderr and exit status 2; a
-    Ctrl-C that the body did not handle itself, a line and status 130.
+    Ctrl-C that the body did not handle itself, a line and status 130 (`user_error`).
 
     The body's return value is the exit status when it is an int, and 0 otherwise.
     """
     try:
         status = body()
-    except InputError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        if error.filename is None:
+    except (InputError, OSError, KeyboardInterrupt) as error:
+        known = user_error(error)
+        if known is None:
             raise
-        print(f"error: {path_error(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        status, message = known
+        print("interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {message}", file=sys.stderr)
+        return status
     return status if isinstance(status, int) else 0
+
+
+def user_error(error: BaseException) -> tuple[int, str] | None:
+    """(exit status, one-line message) of an error the user can act on: bad input or a path (2), a Ctrl-C
+    (130); None for anything else (a bug, worth its traceback)."""
+    if isinstance(error, InputError):
+        return 2, one_line(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return 2, path_error(error)
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted"
+    return None
 
 
 def path_error(error: OSError) -> str:

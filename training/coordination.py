@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from errors import one_line
+from errors import one_line, user_error
 from training.runtime import Runtime, all_reduce_sum
 
 FAILURE_POLL_SECONDS = 0.5
@@ -105,7 +105,8 @@ class FailureWatch:
         if self.store is None:
             return None
         self._reporting = True  # from now on this process ends by its own failure, not by the watcher
-        message = "interrupted" if isinstance(error, KeyboardInterrupt) else one_line(error)
+        known = user_error(error)
+        message = known[1] if known is not None else one_line(error)
         own = Failure(self.rank, message or type(error).__name__, status)
         try:
             if self.store.add(self.count_key, 1) == 1:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import eval_metrics
 from datasets.transforms import mean_and_std, normalization_entry
-from errors import InputError
+from errors import InputError, user_error
 from fileio import save_torch_atomic, write_json_atomic
 from losses.partial_fc import mix_seed
 from training.builders import LearningRateSchedule, load_optimizer_state
@@ -526,19 +526,19 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
                     return 3
                 raise
             own = first.rank == runtime.rank  # else this error most likely follows from that process's
-            if own and not isinstance(error, (InputError, TrainingDiverged, KeyboardInterrupt)):
+            if own and user_error(error) is None and not isinstance(error, TrainingDiverged):
                 log.exception(f"rank {runtime.rank}: failed")  # the traceback, for a bug
             watch.announce(first)
             return first.status
 
 
 def failure_status(error: BaseException) -> int:
-    """The exit status of a run that ended with ``error``: 2 bad input, 3 diverged, 130 interrupted, else 1."""
-    if isinstance(error, InputError) or (isinstance(error, OSError) and error.filename is not None):
-        return 2
-    if isinstance(error, TrainingDiverged):
-        return 3
-    return 130 if isinstance(error, KeyboardInterrupt) else 1
+    """The exit status of a run that ended with ``error``: `user_error`'s (2 bad input, 130 interrupted), 3
+    diverged, else 1."""
+    known = user_error(error)
+    if known is not None:
+        return known[0]
+    return 3 if isinstance(error, TrainingDiverged) else 1
 
 
 def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Runtime) -> int:
