@@ -82,8 +82,11 @@ LAYOUT_THIS_REPOSITORY = "this repository"
 LAYOUT_ORIGINAL_2020 = "original-2020"
 LAYOUT_ORIGINAL_2019 = "original-2019"
 LAYOUT_ORIGINAL_2021 = "original-2021"
-# the original's layouts whose embedding head is one Linear at model.fc (LegacyResnetTriplet)
-_LINEAR_HEAD_LAYOUTS = (LAYOUT_ORIGINAL_2019, LAYOUT_ORIGINAL_2021)
+# the original's layouts whose embedding head is one Linear at model.fc: LegacyResnetTriplet's options
+_LINEAR_HEAD_LAYOUTS = {
+    LAYOUT_ORIGINAL_2019: {"bias": True, "distance_scale": 10.0},
+    LAYOUT_ORIGINAL_2021: {"bias": False, "distance_scale": 1.0},
+}
 LAYOUT_FACENET_PYTORCH = "facenet-pytorch"
 
 # Preprocessing of checkpoints that do not store theirs. The original repository trained and evaluated at
@@ -418,9 +421,7 @@ def _model_for(
         return build_model(architecture, embedding_dim, num_classes), state, False
     if keep_classifier:
         depth = int(architecture.removeprefix("resnet"))
-        if layout == LAYOUT_ORIGINAL_2021:
-            return LegacyResnetTriplet(depth, embedding_dim, bias=False, distance_scale=1.0), state, False
-        return LegacyResnetTriplet(depth, embedding_dim), state, False
+        return LegacyResnetTriplet(depth, embedding_dim, **_LINEAR_HEAD_LAYOUTS[layout]), state, False
     state = {key: value for key, value in state.items() if not key.startswith("model.fc.")}
     return build_model(architecture, embedding_dim, num_classes), state, True
 

@@ -21,7 +21,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from devices import resolve_device
@@ -30,6 +29,7 @@ from fileio import atomic_write, refuse_to_replace
 from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
+    check_threshold,
     decision_threshold,
     distance,
     load_checkpoint,
@@ -87,8 +87,7 @@ def check_args(args) -> None:
         if args.output_csv.resolve() == args.pairs_csv.resolve():
             raise InputError("--output_csv must differ from --pairs_csv (it would overwrite the input)")
         refuse_to_replace(args.output_csv, args.overwrite, "--output_csv")
-    if args.threshold is not None and not (np.isfinite(args.threshold) and args.threshold > 0):
-        raise InputError(f"--threshold must be a positive distance, got {args.threshold}")
+    check_threshold(args.threshold)
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
 

@@ -51,6 +51,7 @@ from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
     LoadedModel,
+    check_threshold,
     decision_threshold,
     load_checkpoint,
     preset_help,
@@ -106,8 +107,7 @@ def check_args(args) -> None:
         raise InputError(f"--gallery {args.gallery} is not a folder")
     if args.top_k < 1:
         raise InputError(f"--top_k must be at least 1, got {args.top_k}")
-    if args.threshold is not None and not (np.isfinite(args.threshold) and args.threshold > 0):
-        raise InputError(f"--threshold must be a positive distance, got {args.threshold}")
+    check_threshold(args.threshold)
     if args.batch_size < 1:
         raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
     for query in args.queries:

@@ -64,6 +64,12 @@ def embed_images(model: nn.Module, images: torch.Tensor, flip: bool = False) -> 
     return scale * F.normalize(original + mirrored, p=2, dim=1)
 
 
+def check_threshold(threshold: float | None) -> None:
+    """A ``--threshold`` given must be a positive, finite distance (-1 would make every pair "different")."""
+    if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
+        raise InputError(f"--threshold must be a positive distance, got {threshold}")
+
+
 def decision_threshold(
     threshold: float | None, stored: float | None, model_path, flip: bool = False
 ) -> float:
