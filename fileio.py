@@ -36,6 +36,10 @@ def atomic_write(path, mode: str = "wb", **open_kwargs) -> Iterator[IO[Any]]:
     try:
         with open(temporary, mode.replace("w", "x"), **open_kwargs) as handle:
             yield handle
+            # on disk before the rename: after a power cut or a node crash the name holds the old file or the
+            # whole new one, never an empty one whose data was still in the page cache
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         # after a successful replace the temporary name no longer exists

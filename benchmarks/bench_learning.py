@@ -440,11 +440,7 @@ def build_schedule(task, args: argparse.Namespace, epochs: int):
     """The run's lr schedule as the Trainer builds it, over `epochs` epochs."""
     from training.builders import LearningRateSchedule
 
-    steps_per_epoch = task.steps_per_epoch()
-    warmup_steps = round(getattr(args, "warmup_epochs", 0.0) * steps_per_epoch)
-    return LearningRateSchedule(
-        args.lr_schedule, task.scheduled_optimizers(), epochs, steps_per_epoch, warmup_steps
-    )
+    return LearningRateSchedule.for_run(args, task.scheduled_optimizers(), epochs, task.steps_per_epoch())
 
 
 def budget_epochs(

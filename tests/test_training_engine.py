@@ -186,22 +186,43 @@ def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tm
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def poison_running_mean(task):
+    task.model.model.bn1.running_mean.fill_(float("nan"))
+
+
+def poison_one_center(task):
+    with torch.no_grad():
+        task.center_loss.centers[0, 0] = float("inf")
+
+
+POISON_CASES = {
+    # batch norm trains on batch statistics, so a NaN running mean leaves the loss finite
+    "triplet-batch-norm-statistics": (train_triplet, ["--num_triplets_train", "24", "--batch_size", "8"],
+                                      poison_running_mean),
+    # one inf center outside the batch's classes leaves the loss finite too: the centers are checked as well
+    "center-loss-centers": (train_center, ["--batch_size", "10"], poison_one_center),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", POISON_CASES)
 def test_weights_that_became_nonfinite_with_a_finite_loss_end_the_run_unsaved(
-    tiny_demo_data, tmp_path, monkeypatch, capsys
+    tiny_demo_data, tmp_path, monkeypatch, capsys, case
 ):
-    """Batch norm trains on batch statistics, so a NaN running mean leaves the loss finite; the epoch's end
-    must catch it before validation (which would blame its input) and before writing a useless checkpoint."""
-    real_step = train_triplet.TripletTask.step
+    """The epoch's end catches weights gone non-finite before validation (which would blame its input) and
+    before writing a useless checkpoint."""
+    script, extra, poison = POISON_CASES[case]
+    task_class = train_triplet.TripletTask if script is train_triplet else train_center.CenterTask
+    real_step = task_class.step
 
     def poisoning_step(self, step_module, batch):
-        self.model.model.bn1.running_mean.fill_(float("nan"))
+        poison(self)
         return real_step(self, step_module, batch)
 
-    monkeypatch.setattr(train_triplet.TripletTask, "step", poisoning_step)
-    args = [*common_args(tiny_demo_data, tmp_path / "run"), "--num_triplets_train", "24", "--batch_size", "8"]
-    assert train_triplet.main([str(a) for a in args + ["--epochs", "1"]]) == 3
+    monkeypatch.setattr(task_class, "step", poisoning_step)
+    args = [*common_args(tiny_demo_data, tmp_path / "run"), *extra, "--epochs", "1"]
+    assert script.main([str(a) for a in args]) == 3
     out = capsys.readouterr().out
-    assert "after epoch 1 the model's weights are not finite" in out and "lower --lr" in out
+    assert "after epoch 1 the weights are not finite" in out and "lower --lr" in out
     assert not list((tmp_path / "run").rglob("*.pt"))
 
 
@@ -248,6 +269,13 @@ RESUME_CASES = {
         train_triplet,
         ["--num_triplets_train", "24", "--batch_size", "8"],
         "cosine",
+        5,
+    ),
+    # PartialFC's sampled centers and their momentum must resume too
+    "margin-poly-mid-epoch": (
+        train_margin,
+        ["--batch_size", "10", "--sample_rate", "0.5", "--warmup_epochs", "0.5"],
+        "poly",
         5,
     ),
 }
@@ -309,6 +337,22 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny_demo_data, tmp_path,
         "poly": [base * (1 - (2 - 2) / 4) ** 2, base * (1 - (5 - 2) / 4) ** 2],
     }[schedule]
     assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
+
+
+def test_a_run_saved_without_loss_scaling_resumes_under_fp16s_gradient_scaler(
+    tiny_demo_data, tmp_path, monkeypatch
+):
+    """A checkpoint from a bf16 or fp32 run (an A100, a CPU) resumed where --amp auto picks fp16 (a V100): the
+    saved scaler state is empty, and the resumed run starts from the scaler's default scale."""
+    args = [*common_args(tiny_demo_data, tmp_path / "run"), "--batch_size", "10", "--amp", "off"]
+    assert train_center.main([str(a) for a in [*args, "--epochs", "1"]]) == 0
+    saved = tmp_path / "run" / "checkpoints" / "model_resnet18_center_epoch_1.pt"
+    assert torch.load(saved, map_location="cpu", weights_only=True)["grad_scaler_state_dict"] == {}
+    # fp16 autocast needs CUDA; the scaler alone runs on the CPU, which is what resuming exercises
+    monkeypatch.setattr(Runtime, "use_grad_scaler", property(lambda self: True))
+    assert train_center.main([str(a) for a in [*args, "--epochs", "2", "--resume_path", saved]]) == 0
+    final = final_checkpoint(tmp_path / "run", "center", 2)
+    assert final["epoch"] == 2 and final["grad_scaler_state_dict"]["scale"] > 0
 
 
 def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data, tmp_path, capsys):

@@ -103,6 +103,16 @@ class LearningRateSchedule:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
 
+    @classmethod
+    def for_run(cls, args, optimizers, epochs: int, steps_per_epoch: int) -> LearningRateSchedule:
+        """The schedule a run's flags ask for: ``--lr_schedule`` over ``epochs``, ``--warmup_epochs`` of them
+        (any fraction) in whole steps, half a step rounding up and any warmup lasting at least one step."""
+        warmup_epochs = getattr(args, "warmup_epochs", 0.0)
+        warmup_steps = math.floor(warmup_epochs * max(1, steps_per_epoch) + 0.5)
+        if warmup_epochs > 0:
+            warmup_steps = max(1, warmup_steps)
+        return cls(args.lr_schedule, optimizers, epochs, steps_per_epoch, warmup_steps)
+
     def factor(self, step: int) -> float:
         """The multiplier of the base lr at global step ``step`` (0-based)."""
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0

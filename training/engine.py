@@ -188,13 +188,8 @@ class Trainer:
             )
         self.backbone_frozen = False
         self.steps_per_epoch = task.steps_per_epoch()
-        warmup_steps = round(getattr(self.args, "warmup_epochs", 0.0) * self.steps_per_epoch)
-        self.schedule = LearningRateSchedule(
-            self.args.lr_schedule,
-            task.scheduled_optimizers(),
-            self.args.epochs,
-            self.steps_per_epoch,
-            warmup_steps,
+        self.schedule = LearningRateSchedule.for_run(
+            self.args, task.scheduled_optimizers(), self.args.epochs, self.steps_per_epoch
         )
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.use_grad_scaler)
         self.history = History()
@@ -285,7 +280,10 @@ class Trainer:
         check_resume_position(checkpoint, self.args, self.runtime)
         task.model.load_state_dict(checkpoint["model_state_dict"])
         load_optimizer_state(task.optimizers[0], checkpoint["optimizer_model_state_dict"])
-        self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
+        # a run saved without fp16 (bf16 or fp32, or on another machine under --amp auto) has no loss scale
+        # to restore, and an fp16 run resumed from it starts from the scaler's default
+        if checkpoint["grad_scaler_state_dict"]:
+            self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
         task.load_checkpoint_extras(checkpoint)
         self.best_distance_threshold = checkpoint["best_distance_threshold"]
         self.history = History(**checkpoint["history"])
@@ -423,10 +421,17 @@ class Trainer:
         """Weights or batch-norm statistics that are not finite (a finite loss can still come with an inf
         gradient) end the run before they are validated or saved. The weights are the same on every process,
         the batch-norm statistics each process's own; one process stopping here stops all (FailureWatch)."""
-        state = itertools.chain(self.task.model.parameters(), self.task.model.buffers())
+        # the optimizers hold every trained tensor: the model's, and the centers or this process's classifier
+        trained = (
+            p
+            for optimizer in self.task.optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        )
+        state = itertools.chain(self.task.model.parameters(), self.task.model.buffers(), trained)
         if not all(bool(torch.isfinite(tensor).all()) for tensor in state if tensor.is_floating_point()):
             raise TrainingDiverged(
-                f"stopping: after epoch {completed} the model's weights are not finite, so this epoch is not "
+                f"stopping: after epoch {completed} the weights are not finite, so this epoch is not "
                 "saved; resume from the last checkpoint with a lower --lr, or try --amp off"
             )
 
