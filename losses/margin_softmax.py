@@ -13,9 +13,10 @@ no margin at all.
 
 The non-monotonic edge. ``cos(m1 * theta + m2)`` decreases with theta only while ``m1 * theta + m2 <= pi``,
 i.e. for ``theta <= theta_max = (pi - m2) / m1``. Past it, a target that moves *away* from its center would
-get a *larger* logit, which rewards the wrong thing. The ArcFace reference implementations (the paper's
-released code, "easy margin" off) then switch to a CosFace-like penalty: for ``cos(theta) <= th`` with
-``th = cos(pi - m)`` they use ``cos(theta) - mm``, ``mm = sin(pi - m) * m``, i.e. the first-order expansion
+get a *larger* logit, which rewards the wrong thing. The ArcFace reference implementations of the paper's
+time (its MXNet ``train_softmax`` and insightface's early PyTorch ``ArcFace`` class, "easy margin" off)
+switch to a CosFace-like penalty there: for ``cos(theta) <= th`` with ``th = cos(pi - m)`` they use
+``cos(theta) - mm``, ``mm = sin(pi - m) * m``, i.e. the first-order expansion
 ``cos(theta + m) ~ cos(theta) - sin(theta) * m`` with sin taken at the threshold. ``margin_logits`` does exactly
 this for ArcFace and generalises it to any (m1, m2): at the threshold the extra angle the margin adds is
 ``delta = m1 * theta_max + m2 - theta_max = pi - theta_max``, so
@@ -27,13 +28,14 @@ this for ArcFace and generalises it to any (m1, m2): at the threshold the extra 
 which is the reference's rule when m1 = 1 (theta_max = pi - m2). When theta_max >= pi (CosFace, or no angular
 margin) there is no edge and no fallback. Like the reference, the fallback is not continuous at the threshold
 (for ArcFace m = 0.5 it jumps from -1 to about -1.117); it is monotonic on each side and always below the
-non-target value cos(theta). ``monotonic=False`` turns the rule off and gives the paper's formula everywhere
-(``fallback_threshold`` exposes th and mm).
+non-target value cos(theta). ``monotonic=False`` turns the rule off and gives the paper's formula everywhere,
+as insightface's later ``arcface_torch`` computes it (``fallback_threshold`` exposes th and mm).
 
 Numerics. Everything is computed in float32 at least (float64 inputs stay float64), with autocast disabled:
 a margin of 0.35 on a logit scaled by 64 is lost in half precision. The angle is ``acos`` of the cosine
-clamped to ``[-1 + eps, 1 - eps]`` (``COSINE_CLAMP_EPS``), so its gradient stays finite when an embedding lies
-exactly on a center; pure CosFace (m1 = 1, m2 = 0) never takes the acos and is exactly ``cos - m3``.
+clamped to ``[-1 + eps, 1 - eps]`` (``COSINE_CLAMP_EPS``), so the gradient never becomes inf or NaN when an
+embedding lies exactly on a center (there, and wherever ``|cos| > 1 - eps``, the clamp makes the target
+logit's gradient zero: such a row is already as close to its center as it can get); pure CosFace (m1 = 1, m2 = 0) never takes the acos and is exactly ``cos - m3``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ LOSS_MARGINS: dict[str, tuple[float, float, float]] = {
     "cosface": (1.0, 0.0, 0.35),
 }
 DEFAULT_SCALE = 64.0
-# acos has an infinite derivative at +-1; clamping first keeps the gradient finite (about 1 / sqrt(2 eps))
+# acos has an infinite derivative at +-1; clamping first keeps the gradient finite (zero past the clamp)
 COSINE_CLAMP_EPS = 1e-7
 
 
