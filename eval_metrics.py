@@ -13,6 +13,7 @@ thresholds here are exact optima over the observed distances, so any distance sc
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -46,14 +47,28 @@ class LFWMetrics(_OriginalFields):
     far_targets: tuple[float, ...]
     tar_at_far: dict[float, np.ndarray]  # far target -> per-fold TAR
     far_at_far: dict[float, np.ndarray]  # far target -> per-fold measured FAR
+    # per fold: the denominators of the rates above, so that summaries can leave out the folds where a rate is
+    # undefined (a fold without same pairs has no recall or TAR; its 0 in the arrays is a placeholder)
+    positives_per_fold: np.ndarray
+    negatives_per_fold: np.ndarray
+    predicted_same_per_fold: np.ndarray  # at the fold's best-accuracy threshold: precision's denominator
 
-    def __new__(cls, *fields, thresholds, far_targets, tar_at_far, far_at_far, **named_fields):
+    _EXTRAS = ("thresholds", "far_targets", "tar_at_far", "far_at_far", "positives_per_fold",
+               "negatives_per_fold", "predicted_same_per_fold")  # fmt: skip
+
+    def __new__(cls, *fields, **named_fields):
+        extras = {name: named_fields.pop(name) for name in cls._EXTRAS}
         metrics = super().__new__(cls, *fields, **named_fields)
-        metrics.thresholds = thresholds
-        metrics.far_targets = far_targets
-        metrics.tar_at_far = tar_at_far
-        metrics.far_at_far = far_at_far
+        for name, value in extras.items():
+            setattr(metrics, name, value)
         return metrics
+
+    def __reduce__(self):  # pickle and copy.deepcopy: the tuple's fields and the attributes
+        return _rebuild_metrics, (tuple(self), {name: getattr(self, name) for name in self._EXTRAS})
+
+
+def _rebuild_metrics(fields: tuple, extras: dict) -> LFWMetrics:
+    return LFWMetrics(*fields, **extras)
 
 
 class FoldRates(NamedTuple):
@@ -79,9 +94,10 @@ def evaluate_lfw(
     the pairs file, so that consecutive blocks are the official folds. When some pairs were dropped (missing
     images), pass `fold_ids` (the official fold of each remaining pair) so the folds stay the official ones
     instead of shifting; `num_folds` is then the number of distinct ids. `far_target` is the target reported
-    in `tar`/`far`; it is added to `far_targets` if missing. Folds without positives (or negatives) report a
-    recall/TAR (or FAR) of 0 and a fold with nothing predicted same a precision of 0, never NaN. Raises
-    `InputError` (a ValueError) for mismatched or malformed inputs.
+    in `tar`/`far`; it is added to `far_targets` if missing. In the per-fold arrays, a fold without positives
+    (or negatives) has a recall/TAR (or FAR) of 0 and a fold with nothing predicted same a precision of 0,
+    never NaN; `format_metrics` and `metrics_summary` leave such folds out of the rate's mean and std (see
+    `fold_mean_std`). Raises `InputError` (a ValueError) for mismatched or malformed inputs.
     """
     if fold_ids is not None:
         fold_ids = np.asarray(fold_ids)
@@ -90,8 +106,10 @@ def evaluate_lfw(
         num_folds = len(np.unique(fold_ids))
     distances, labels = _validate_pairs(distances, labels, num_folds)
     far_targets = _merge_far_targets(far_target, far_targets)
+    reported = next(t for t in far_targets if math.isclose(t, float(far_target), rel_tol=1e-6))
 
     accuracy, precision, recall, best_distances = (np.zeros(num_folds) for _ in range(4))
+    positives, negatives, predicted_same = (np.zeros(num_folds, dtype=np.int64) for _ in range(3))
     tar_at_far = {target: np.zeros(num_folds) for target in far_targets}
     far_at_far = {target: np.zeros(num_folds) for target in far_targets}
     for fold, (train, test) in enumerate(lfw_fold_splits(distances.size, num_folds, fold_ids)):
@@ -99,6 +117,9 @@ def evaluate_lfw(
         rates = rates_at_threshold(distances[test], labels[test], threshold)
         best_distances[fold] = threshold
         accuracy[fold], precision[fold], recall[fold] = rates.accuracy, rates.precision, rates.recall
+        positives[fold] = np.sum(labels[test])
+        negatives[fold] = test.size - positives[fold]
+        predicted_same[fold] = np.sum(distances[test] < threshold)
         for target in far_targets:
             far_threshold = threshold_at_far(distances[train], labels[train], target)
             far_rates = rates_at_threshold(distances[test], labels[test], far_threshold)
@@ -116,13 +137,30 @@ def evaluate_lfw(
         accuracy=accuracy,
         roc_auc=roc_auc,
         best_distances=best_distances,
-        tar=tar_at_far[float(far_target)],
-        far=far_at_far[float(far_target)],
+        tar=tar_at_far[reported],
+        far=far_at_far[reported],
         thresholds=-score_thresholds,
         far_targets=far_targets,
         tar_at_far=tar_at_far,
         far_at_far=far_at_far,
+        positives_per_fold=positives,
+        negatives_per_fold=negatives,
+        predicted_same_per_fold=predicted_same,
     )
+
+
+def stratified_fold_ids(labels, num_folds: int = 10) -> np.ndarray:
+    """Fold ids for pairs that come without folds (a pairs file without a header, LFW's one-fold View 1):
+    fold k holds the k-th of `num_folds` consecutive blocks of the same pairs and the k-th of the different
+    pairs, in file order, as LFW's ten folds do. Consecutive blocks of such a file, often sorted by kind,
+    would give test folds of one kind only. Fewer folds when a kind has fewer than `num_folds` pairs."""
+    labels = np.asarray(labels).astype(bool)
+    num_folds = max(2, min(num_folds, int(labels.sum()), int((~labels).sum())))
+    fold_ids = np.empty(labels.size, dtype=np.int64)
+    for kind in (True, False):
+        members = np.flatnonzero(labels == kind)
+        fold_ids[members] = np.arange(members.size) * num_folds // members.size
+    return fold_ids
 
 
 def lfw_fold_splits(num_pairs: int, num_folds: int, fold_ids=None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -206,18 +244,52 @@ def rates_at_threshold(distances: np.ndarray, labels: np.ndarray, threshold: flo
     )
 
 
+def fold_mean_std(per_fold: np.ndarray, denominators: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean and standard deviation over the folds, leaving out those where the rate's denominator is 0 (its
+    value there is a placeholder, not a measurement); (0, 0) when no fold has one."""
+    per_fold = np.asarray(per_fold, dtype=np.float64)
+    if denominators is not None:
+        per_fold = per_fold[np.asarray(denominators) > 0]
+    if per_fold.size == 0:
+        return 0.0, 0.0
+    return float(np.mean(per_fold)), float(np.std(per_fold))
+
+
+def _summary_rates(metrics: LFWMetrics) -> dict[str, tuple[float, float]]:
+    """(mean, std) of every per-fold rate, by the names `metrics_summary` gives them."""
+    rates = {
+        "accuracy": fold_mean_std(metrics.accuracy),
+        "precision": fold_mean_std(metrics.precision, metrics.predicted_same_per_fold),
+        "recall": fold_mean_std(metrics.recall, metrics.positives_per_fold),
+        "best_distance_threshold": fold_mean_std(metrics.best_distances),
+    }
+    for target in metrics.far_targets:
+        rates[f"tar_at_far_{target:g}"] = fold_mean_std(
+            metrics.tar_at_far[target], metrics.positives_per_fold
+        )
+        rates[f"far_at_far_{target:g}"] = fold_mean_std(
+            metrics.far_at_far[target], metrics.negatives_per_fold
+        )
+    return rates
+
+
 def format_metrics(metrics: LFWMetrics, target: str = "LFW") -> list[str]:
     """The lines the training and validation scripts print after evaluating on ``target`` (LFW, cfp_fp...)."""
+    rates = _summary_rates(metrics)
+
+    def mean_std(name: str, digits: int = 4) -> str:
+        mean, std = rates[name]
+        return f"{mean:.{digits}f}+-{std:.{digits}f}"
+
     lines = [
-        f"Accuracy on {target}: {np.mean(metrics.accuracy):.4f}+-{np.std(metrics.accuracy):.4f}",
-        f"Precision {np.mean(metrics.precision):.4f}+-{np.std(metrics.precision):.4f}",
-        f"Recall {np.mean(metrics.recall):.4f}+-{np.std(metrics.recall):.4f}",
+        f"Accuracy on {target}: {mean_std('accuracy')}",
+        f"Precision {mean_std('precision')}",
+        f"Recall {mean_std('recall')}",
         f"ROC Area Under Curve: {metrics.roc_auc:.4f}",
-        f"Best distance threshold: {np.mean(metrics.best_distances):.2f}+-{np.std(metrics.best_distances):.2f}",
+        f"Best distance threshold: {mean_std('best_distance_threshold', 2)}",
     ]
     for target in metrics.far_targets:
-        tar = metrics.tar_at_far[target]
-        lines.append(f"TAR: {np.mean(tar):.4f}+-{np.std(tar):.4f} @ FAR: {target:g}")
+        lines.append(f"TAR: {mean_std(f'tar_at_far_{target:g}')} @ FAR: {target:g}")
     return lines
 
 
@@ -226,22 +298,14 @@ def metrics_summary(metrics: LFWMetrics) -> dict[str, float]:
 
     Keys: accuracy/precision/recall/best_distance_threshold `_mean` and `_std`, `roc_auc`, and for every
     FAR target t (formatted with `{t:g}`, e.g. 0.001) `tar_at_far_{t}_mean/_std` and `far_at_far_{t}_mean/_std`
-    (the FAR actually measured on the test folds).
+    (the FAR actually measured on the test folds). A rate's mean and std are over the folds where it is
+    defined (`fold_mean_std`).
     """
     summary: dict[str, float] = {}
-
-    def add_mean_std(name: str, per_fold: np.ndarray) -> None:
-        summary[f"{name}_mean"] = float(np.mean(per_fold))
-        summary[f"{name}_std"] = float(np.std(per_fold))
-
-    add_mean_std("accuracy", metrics.accuracy)
-    add_mean_std("precision", metrics.precision)
-    add_mean_std("recall", metrics.recall)
-    summary["roc_auc"] = float(metrics.roc_auc)
-    add_mean_std("best_distance_threshold", metrics.best_distances)
-    for target in metrics.far_targets:
-        add_mean_std(f"tar_at_far_{target:g}", metrics.tar_at_far[target])
-        add_mean_std(f"far_at_far_{target:g}", metrics.far_at_far[target])
+    for name, (mean, std) in _summary_rates(metrics).items():
+        summary[f"{name}_mean"], summary[f"{name}_std"] = mean, std
+        if name == "recall":
+            summary["roc_auc"] = float(metrics.roc_auc)
     return summary
 
 
@@ -273,12 +337,13 @@ def _validate_pairs(distances, labels, num_folds) -> tuple[np.ndarray, np.ndarra
 
 def _merge_far_targets(far_target, far_targets) -> tuple[float, ...]:
     """The FAR targets in the given order, with the reported `far_target` appended if it is missing."""
-    merged = []
+    merged: list[float] = []
     for target in (*far_targets, far_target):
         target = float(target)
         if not 0.0 <= target <= 1.0:
             raise InputError(f"FAR targets must lie in [0, 1], got {target}")
-        if target not in merged:
+        # a float32 1e-3 is 0.0010000000474974513: the same target, not a second one
+        if not any(math.isclose(target, seen, rel_tol=1e-6) for seen in merged):
             merged.append(target)
     return tuple(merged)
 

@@ -80,7 +80,9 @@ def evaluate_model_on_lfw(
     """Metrics and per-pair distances of ``model`` on a pairs dataset (an `LFWDataset`: ``pairs``, ``issame``).
 
     The folds are the dataset's own (``num_folds`` and ``fold_of_pair``), which stay the official ones when
-    pairs with missing images were dropped; a pairs file without a header gets ten consecutive blocks.
+    pairs with missing images were dropped; pairs without folds (a pairs file without a header, or with one
+    fold) get ten, each with a tenth of the same and a tenth of the different pairs
+    (`eval_metrics.stratified_fold_ids`).
     """
     device = torch.device(device)
     loader = DataLoader(
@@ -94,8 +96,8 @@ def evaluate_model_on_lfw(
     distances = distances_of_pairs(embeddings, dataset.pairs)
     num_folds = getattr(dataset, "num_folds", 10)
     if num_folds < 2:
-        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=10)
+        fold_ids = eval_metrics.stratified_fold_ids(dataset.issame)
     else:
         fold_ids = getattr(dataset, "fold_of_pair", None)
-        metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds, fold_ids=fold_ids)
+    metrics = eval_metrics.evaluate_lfw(distances, dataset.issame, num_folds=num_folds, fold_ids=fold_ids)
     return metrics, distances

@@ -6,8 +6,10 @@ and `pairs` indexes into it, so the validation embeds each image once; `issame` 
 official order, so the ten folds stay the official ones.
 
 Pairs file format (LFW View 2, http://vis-www.cs.umass.edu/lfw/README.txt): an optional header line
-`<num_folds> <pairs_per_kind>`, then per fold `pairs_per_kind` matched lines `Name i j` followed by
-`pairs_per_kind` mismatched lines `Name1 i Name2 j`; image i of Name is `Name/Name_%04d.jpg`.
+`<num_folds> <pairs_per_kind>` (View 1's pairsDevTrain/Test.txt: `<pairs_per_kind>` alone, one fold), then per
+fold `pairs_per_kind` matched lines `Name i j` followed by `pairs_per_kind` mismatched lines
+`Name1 i Name2 j`; image i of Name is `Name/Name_%04d.jpg`. Pairs without folds (no header, or one fold) are
+evaluated in ten folds of same and different pairs (`eval_metrics.stratified_fold_ids`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def read_pairs(pairs_path) -> PairsFile:
     if not os.path.isfile(pairs_path):
         raise InputError(f"pairs file not found: {pairs_path}")
     try:
-        with open(pairs_path, encoding="utf-8") as f:
+        with open(pairs_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the header
             lines = [(number, line.split()) for number, line in enumerate(f, start=1) if line.strip()]
     except UnicodeDecodeError:
         raise InputError(f"{pairs_path}: not a pairs file (not UTF-8 text)") from None
@@ -52,8 +54,10 @@ def read_pairs(pairs_path) -> PairsFile:
         raise InputError(f"{pairs_path}: the pairs file is empty")
 
     num_folds, pairs_per_kind = 1, None
-    if len(lines[0][1]) == 2:  # header: "<num_folds> <pairs_per_kind>"
+    if len(lines[0][1]) in (1, 2):  # header: "<num_folds> <pairs_per_kind>", or View 1's "<pairs_per_kind>"
         number, fields = lines.pop(0)
+        if len(fields) == 1:
+            fields = ["1", *fields]
         num_folds, pairs_per_kind = (_int_field(v, pairs_path, number) for v in fields)
         if num_folds < 1 or pairs_per_kind < 1:
             raise InputError(

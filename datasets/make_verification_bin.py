@@ -37,6 +37,8 @@ def main(argv=None) -> int:
             f"wrote {args.output}: {summary.num_pairs} pairs, {summary.num_images} images, "
             f"{summary.num_bytes / 1e6:.1f} MB"
         )
+        if summary.note:
+            print(f"note: {summary.note}")
         return 0
 
     return report_input_errors(body)

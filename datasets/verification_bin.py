@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from datasets.face_table import DECODE_ERRORS
 from datasets.lfw_dataset import find_lfw_image, read_pairs
 from errors import InputError, first_line
+from eval_metrics import stratified_fold_ids
 from fileio import atomic_write
 
 NUM_FOLDS = 10  # insightface's KFold(n_splits=10, shuffle=False) over the pairs in file order
@@ -143,28 +144,41 @@ class WriteSummary(NamedTuple):
     num_pairs: int
     num_images: int  # 2 * num_pairs: insightface stores both images of every pair, repeats included
     num_bytes: int
+    note: str = ""  # how the pairs file's folds map to the .bin's ten blocks, when they are not its own
 
 
 def write_verification_bin(lfw_dir, pairs_path, out_path) -> WriteSummary:
     """Write the pairs of an LFW-style pairs file as an insightface .bin (atomically), file bytes as they are.
 
-    Pairs keep the file's order, so the ten folds stay the official ones; a missing image is an InputError.
+    A .bin is read as ten consecutive blocks of pairs. Pairs keep the file's order when it has ten folds, so
+    they stay the official ones; a file without folds (no header, or LFW View 1's one) is written fold by fold
+    in `stratified_fold_ids`' ten folds, so that no block holds pairs of one kind only; other fold counts are
+    kept in order and the summary's note says they are not the .bin's. A missing image is an InputError.
     """
     lfw_dir, out_path = os.fspath(lfw_dir), os.fspath(out_path)
     if not os.path.isdir(lfw_dir):
         raise InputError(f"LFW image folder not found: {lfw_dir}")
     parsed = read_pairs(pairs_path)
+    order, note = np.arange(len(parsed.issame)), ""
+    if parsed.num_folds < 2:
+        order = np.argsort(stratified_fold_ids(parsed.issame), kind="stable")
+        note = f"{pairs_path} has no folds: its pairs are written as {NUM_FOLDS} folds of same and different pairs"
+    elif parsed.num_folds != NUM_FOLDS:
+        note = (
+            f"{pairs_path} has {parsed.num_folds} folds, but a .bin is evaluated in {NUM_FOLDS} consecutive "
+            "blocks: its folds are not kept"
+        )
     cache: dict[tuple[str, int], bytes] = {}
     images: list[bytes] = []
-    for first, second in zip(parsed.first, parsed.second, strict=True):
-        for key in (first, second):
+    for index in order:
+        for key in (parsed.first[index], parsed.second[index]):
             if key not in cache:
                 cache[key] = _lfw_image_bytes(lfw_dir, *key)
             images.append(cache[key])
-    issame = [bool(value) for value in parsed.issame]
+    issame = [bool(parsed.issame[index]) for index in order]
     with atomic_write(out_path, "wb") as f:
         pickle.dump((images, issame), f, protocol=PICKLE_PROTOCOL)
-    return WriteSummary(len(issame), len(images), os.path.getsize(out_path))
+    return WriteSummary(len(issame), len(images), os.path.getsize(out_path), note)
 
 
 def _lfw_image_bytes(lfw_dir: str, name: str, number: int) -> bytes:

@@ -191,6 +191,56 @@ def test_folds_with_a_single_class_give_finite_results():
     np.testing.assert_array_equal(metrics.tar[5:], np.zeros(5))  # no positives in the last five
 
 
+def test_summaries_leave_out_the_folds_where_a_rate_is_undefined():
+    """A perfect model on sorted single-kind folds: the summary's precision, recall and TAR are 1 (the mean of
+    the folds that have the rate's denominator), not 0.5 from averaging in the placeholder zeros."""
+    labels = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
+    distances = np.where(labels, 0.5, 1.5)
+    metrics = evaluate_lfw(distances, labels)
+    np.testing.assert_array_equal(metrics.recall, np.r_[np.ones(5), np.zeros(5)])  # per fold: placeholders
+    np.testing.assert_array_equal(metrics.positives_per_fold, np.r_[np.full(5, 200), np.zeros(5)])
+    summary = metrics_summary(metrics)
+    # brute force: the rate over the folds that have positives (negatives, predicted-same pairs)
+    with_positives = [f for f in range(10) if labels[f * 200 : (f + 1) * 200].any()]
+    assert summary["recall_mean"] == np.mean(metrics.recall[with_positives]) == 1.0
+    assert summary["precision_mean"] == 1.0 and summary["accuracy_mean"] == 1.0
+    for target in FAR_TARGETS:
+        assert summary[f"tar_at_far_{target:g}_mean"] == 1.0
+        assert summary[f"far_at_far_{target:g}_mean"] == 0.0
+    assert "Recall 1.0000+-0.0000" in format_metrics(metrics)
+
+
+def test_stratified_folds_give_every_fold_a_share_of_each_kind_in_file_order():
+    labels = np.r_[np.ones(23, bool), np.zeros(37, bool)]
+    fold_ids = eval_metrics.stratified_fold_ids(labels)
+    for kind, count in ((True, 23), (False, 37)):
+        ids = fold_ids[labels == kind]
+        assert np.all(np.diff(ids) >= 0)  # consecutive blocks in file order
+        sizes = np.bincount(ids, minlength=10)
+        assert sizes.sum() == count and sizes.max() - sizes.min() <= 1
+    # fewer pairs of a kind than folds: as many folds as that kind has pairs
+    few = eval_metrics.stratified_fold_ids(np.r_[np.ones(4, bool), np.zeros(50, bool)])
+    assert sorted(set(few.tolist())) == [0, 1, 2, 3]
+
+
+def test_metrics_survive_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    metrics = evaluate_lfw(*lfw_like_pairs(seed=4))
+    for clone in (pickle.loads(pickle.dumps(metrics)), copy.deepcopy(metrics)):
+        assert metrics_summary(clone) == metrics_summary(metrics)
+        assert format_metrics(clone) == format_metrics(metrics)
+
+
+def test_a_float32_far_target_is_the_same_target_not_a_second_one():
+    distances, labels = lfw_like_pairs(seed=5)
+    metrics = evaluate_lfw(distances, labels, far_target=np.float32(1e-3))
+    assert metrics.far_targets == FAR_TARGETS
+    np.testing.assert_array_equal(metrics.tar, metrics.tar_at_far[1e-3])
+    assert sum("@ FAR: 0.001" in line for line in format_metrics(metrics)) == 1
+
+
 @pytest.mark.filterwarnings("error")
 def test_training_split_without_negatives_gives_finite_results():
     # all 10 negatives sit in the last fold, so that fold's training split has none

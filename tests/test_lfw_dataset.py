@@ -122,6 +122,29 @@ def test_pairs_file_without_header(make_lfw_tree):
     assert LFWDataset(root, pairs_path).pairs.shape == (8, 2)
 
 
+def test_view_1_header_and_a_byte_order_mark_are_read(make_lfw_tree):
+    """LFW View 1's files have the pairs per kind alone in the header (one fold); editors on Windows may
+    prepend a byte-order mark."""
+    root, pairs_path = make_lfw_tree(num_folds=1, pairs_per_kind=3)
+    lines = pairs_path.read_text().splitlines()
+    pairs_path.write_text("\ufeff" + "\n".join(["3", *lines[1:]]) + "\n", encoding="utf-8")
+    parsed = read_pairs(pairs_path)
+    assert parsed.num_folds == 1 and parsed.issame.tolist() == [True] * 3 + [False] * 3
+
+
+def test_pairs_without_folds_are_evaluated_in_folds_holding_both_kinds(make_lfw_tree):
+    """A headerless file sorted by kind: consecutive blocks would test on one kind per fold."""
+    from torch import nn
+
+    from verification import evaluate_model_on_lfw
+
+    root, pairs_path = make_lfw_tree(num_folds=1, pairs_per_kind=10, header=False)
+    dataset = LFWDataset(root, pairs_path, transform=lambda image: torch.zeros(3, 2, 2))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    metrics, _ = evaluate_model_on_lfw(model, dataset, torch.device("cpu"), progress=False)
+    assert metrics.positives_per_fold.tolist() == [1] * 10 and metrics.negatives_per_fold.tolist() == [1] * 10
+
+
 @pytest.mark.parametrize(
     "line,message",
     [

@@ -211,6 +211,21 @@ def test_cli_writes_a_bin_and_reports_bad_input(tiny_lfw, tmp_path, capsys):
     assert err.startswith("error: LFW image folder not found") and err.count("\n") == 1
 
 
+def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lfw_tree, tmp_path, capsys):
+    """A .bin is read in ten consecutive blocks; a headerless file sorted by kind is written fold by fold."""
+    root, pairs_path = make_lfw_tree(num_folds=1, pairs_per_kind=20, header=False)
+    out = tmp_path / "view1.bin"
+    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 0
+    assert "has no folds" in capsys.readouterr().out
+    issame = read_verification_bin(out).issame
+    assert [block.tolist() for block in np.array_split(issame, 10)] == [[True, True, False, False]] * 10
+    # with ten folds the file's own order is kept
+    root, pairs_path = make_lfw_tree(num_folds=10, pairs_per_kind=1, root=tmp_path / "ten")
+    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 0
+    assert "note" not in capsys.readouterr().out
+    assert read_verification_bin(out).issame.tolist() == [True, False] * 10
+
+
 def test_cli_runs_as_a_script_from_the_repository_root(tiny_lfw, tmp_path):
     root, pairs_path = tiny_lfw
     out = tmp_path / "script.bin"
