@@ -482,7 +482,7 @@ def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset):
             schedule.apply(progress.steps)  # the global step, 0-based, as Trainer.train_step
             out = task.step(task.step_module, batch)
             if torch.isfinite(out.loss_sum):
-                backward_and_step(task, out.loss)
+                backward_and_step(task, out.loss, clip_grad_norm=args.clip_grad_norm)
                 progress.loss_sum += float(out.loss_sum)
                 progress.loss_count += float(out.count)
                 progress.trained_on += float(out.count)

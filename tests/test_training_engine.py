@@ -24,6 +24,7 @@ from training.checkpoint import latest_checkpoint
 from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
+    backward_and_step,
     StepOutput,
     StopRequested,
     Trainer,
@@ -127,7 +128,9 @@ class LinearTask(TrainingTask):
     count_name = "samples"
 
     def __init__(self, runtime):
-        args = SimpleNamespace(lr_schedule="constant", epochs=1, seed=0, model="linear", embedding_dim=2)
+        args = SimpleNamespace(
+            lr_schedule="constant", epochs=1, seed=0, model="linear", embedding_dim=2, clip_grad_norm=None
+        )
         super().__init__(args, runtime)
         torch.manual_seed(0)
         self.model = self.step_module = nn.Linear(3, 2)
@@ -169,6 +172,25 @@ def test_a_nonfinite_loss_skips_the_step_and_five_in_a_row_stop_the_run(tmp_path
     with pytest.raises(TrainingDiverged, match="5 steps in a row"):
         step(99, False)
     assert totals.skipped_steps == 1 + MAX_CONSECUTIVE_NONFINITE
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
+def test_clip_grad_norm_bounds_the_models_step_as_torch_defines_it(max_norm):
+    """SGD at lr 1 moves the weights by the gradient itself: with --clip_grad_norm that move has norm
+    min(norm, max_norm) and the gradient's direction (torch.nn.utils.clip_grad_norm_'s definition)."""
+    task = LinearTask(Runtime(torch.device("cpu")))
+    task.optimizers = [torch.optim.SGD(task.model.parameters(), lr=1.0)]
+    inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)) * 10
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(task.model.state_dict())
+    reference(inputs).pow(2).mean().backward()
+    gradient = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert gradient.norm() > 0.5  # so that 0.5 clips and 1e6 does not
+    before = torch.cat([p.detach().flatten() for p in task.model.parameters()])
+    backward_and_step(task, task.model(inputs).pow(2).mean(), clip_grad_norm=max_norm)
+    moved = before - torch.cat([p.detach().flatten() for p in task.model.parameters()])
+    expected = gradient if max_norm is None else gradient * min(1.0, max_norm / (gradient.norm() + 1e-6))
+    torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tmp_path, monkeypatch, capsys):
@@ -361,7 +383,7 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     refused (its state would not fit)."""
     output_dir = tmp_path / "run"
     recipe = ["--optimizer", "sgd", "--lr", "0.01", "--margin", "0.5", "--num_triplets_train", "24",
-              "--batch_size", "8", "--lr_schedule", "constant"]  # fmt: skip
+              "--batch_size", "8", "--lr_schedule", "constant", "--clip_grad_norm", "5"]  # fmt: skip
     assert (
         train_triplet.main(
             [str(a) for a in common_args(tiny_demo_data, output_dir)] + recipe + ["--epochs", "1"]
@@ -378,7 +400,8 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     assert resume(1, "--epochs", "2") == 0
     second = final_checkpoint(output_dir, "triplet", 2)
     for flag, value in {"optimizer": "sgd", "lr": 0.01, "margin": 0.5, "seed": 3, "batch_size": 8,
-                        "num_triplets_train": 24, "embedding_dim": 16, "image_size": 32}.items():  # fmt: skip
+                        "num_triplets_train": 24, "embedding_dim": 16, "image_size": 32,
+                        "clip_grad_norm": 5.0}.items():  # fmt: skip
         assert second["args"][flag] == value, flag
     assert [group["lr"] for group in second["optimizer_model_state_dict"]["param_groups"]] == [0.01]
     assert "momentum_buffer" in next(iter(second["optimizer_model_state_dict"]["state"].values()))

@@ -117,7 +117,7 @@ def is_plain_flag_value(value) -> bool:
 # --lr or more --epochs take effect; the optimizer itself cannot change, its state would not fit)
 RESUMED_RECIPE = (
     "epochs", "seed", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
-    "freeze_backbone_epochs",
+    "freeze_backbone_epochs", "clip_grad_norm",
     # train_triplet.py
     "triplet_selection", "margin", "identities_per_batch", "images_per_identity", "num_triplets_train",
     "num_human_identities_per_batch", "selection_pass",

@@ -220,6 +220,14 @@ def _add_training_arguments(train) -> None:
         help="raise the lr linearly from 0 over this many epochs (fractions allowed), per step",
     )
     train.add_argument(
+        "--clip_grad_norm",
+        type=positive_float,
+        default=None,
+        metavar="MAX_NORM",
+        help="before each step, scale the model's gradients down to this total norm when above it (after fp16 "
+        "unscaling; arcface_torch clips at 5 for margin losses); default: no clipping",
+    )
+    train.add_argument(
         "--freeze_backbone_epochs",
         type=int,
         default=0,

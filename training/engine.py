@@ -153,13 +153,24 @@ class StopRequested:
 
 
 def backward_and_step(
-    task: TrainingTask, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+    task: TrainingTask,
+    loss: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
 ) -> None:
-    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16."""
+    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16.
+
+    ``clip_grad_norm`` (--clip_grad_norm) bounds the total gradient norm of the model (the backbone and its
+    head, as arcface_torch clips its backbone), measured on the true gradients: after unscaling. Under DDP the
+    gradients are already averaged, so every process clips by the same factor.
+    """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     scaler.scale(loss).backward()
     for optimizer in task.optimizers:
         scaler.unscale_(optimizer)
+    if clip_grad_norm is not None:
+        # an fp16 overflow makes the norm inf and the gradients NaN: the scaler then skips the step anyway
+        nn.utils.clip_grad_norm_(task.model.parameters(), clip_grad_norm)
     task.before_optimizer_step()
     for optimizer in task.optimizers:
         scaler.step(optimizer)
@@ -374,7 +385,7 @@ class Trainer:
         self.stop_agreed = self.stop_agreed or verdict.stop
         if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
-            backward_and_step(self.task, out.loss, self.scaler)
+            backward_and_step(self.task, out.loss, self.scaler, self.args.clip_grad_norm)
             totals.loss_sum += verdict.loss_sum
             totals.count += verdict.count
             return
