@@ -24,12 +24,12 @@ from training.checkpoint import latest_checkpoint
 from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
-    backward_and_step,
     StepOutput,
     StopRequested,
     Trainer,
     TrainingDiverged,
     TrainingTask,
+    backward_and_step,
 )
 from training.records import EpochTotals
 from training.runtime import Runtime
