@@ -150,11 +150,11 @@ def check_args(args) -> list[tuple[str, Path]]:
     """Every cheap check, before any work; the targets as (name, path): ``lfw`` first when given."""
     targets = []
     if args.lfw is not None:
-        if args.lfw.suffix == ".bin":
-            if not args.lfw.is_file():
-                raise InputError(f"--lfw: file not found: {args.lfw}")
+        if args.lfw.is_file():  # a .bin, whatever its name says
+            pass
         elif not args.lfw.is_dir():
-            raise InputError(f"--lfw: folder not found: {args.lfw}")
+            kind = "file" if args.lfw.suffix.lower() == ".bin" else "folder"
+            raise InputError(f"--lfw: {kind} not found: {args.lfw}")
         elif args.lfw_pairs is None or not args.lfw_pairs.is_file():
             raise InputError(
                 f"--lfw_pairs: file not found: {args.lfw_pairs} (an --lfw folder needs its pairs)"
@@ -179,8 +179,9 @@ def check_args(args) -> list[tuple[str, Path]]:
 
 
 def open_target(name: str, path: Path, args, transform):
-    """The pairs dataset of a target and what the JSON records about its files."""
-    if path.suffix == ".bin":
+    """The pairs dataset of a target and what the JSON records about its files: a file is an insightface .bin
+    (every --val_targets, and an --lfw file), a folder LFW images with --lfw_pairs."""
+    if path.is_file():
         return VerificationBinDataset(path, transform=transform), {"target": name, "bin": str(path)}
     dataset = LFWDataset(path, args.lfw_pairs, transform=transform, skip_missing=args.skip_missing)
     return dataset, {"target": name, "lfw_dir": str(path), "lfw_pairs": str(args.lfw_pairs)}

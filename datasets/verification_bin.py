@@ -57,6 +57,8 @@ def read_verification_bin(path) -> VerificationBin:
     bins, issame_list = content
     if not isinstance(bins, (list, tuple)):
         raise InputError(f"{path}: the images must be a list, found {_describe(bins)}")
+    if not bins and isinstance(issame_list, (list, tuple, np.ndarray)) and len(issame_list) == 0:
+        raise InputError(f"{path}: the file holds no pairs")
     images = [_image_bytes(item, index, path) for index, item in enumerate(bins)]
     issame = _issame_array(issame_list, path)
     if len(images) != 2 * len(issame):
@@ -70,6 +72,11 @@ def read_verification_bin(path) -> VerificationBin:
 def _image_bytes(item, index: int, path: str) -> bytes:
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim > 1:
+        raise InputError(
+            f"{path}: image {index} is decoded pixels ({_describe(item)}), not the encoded image file bytes "
+            "(JPEG, PNG) a .bin holds"
+        )
     if isinstance(item, np.ndarray) and (item.dtype == np.uint8 or item.dtype.kind == "S"):
         return item.tobytes()
     raise InputError(f"{path}: image {index} is {_describe(item)}, not encoded image bytes")

@@ -328,12 +328,13 @@ def test_flip_through_embed_images_matches_validation_path():
 
 
 def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
-    """--lfw as a .bin plus another --val_targets file: per-target JSON with the folder path's numbers."""
+    """--lfw as a .bin plus another --val_targets file (a .bin whatever its name): per-target JSON with the
+    folder path's numbers."""
     checkpoint = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
     pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=3)
     bin_path = tmp_path / "lfw.bin"
     write_verification_bin(LFW_DIR, pairs_path, bin_path)
-    other = tmp_path / "other_set.bin"
+    other = tmp_path / "other_set.pkl"
     other.write_bytes(bin_path.read_bytes())
     folder_dir, bins_dir = tmp_path / "folder", tmp_path / "bins"
     base = ["--model_path", str(checkpoint), "--num_workers", "0", "--no_progress"]

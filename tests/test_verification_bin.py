@@ -172,6 +172,11 @@ def test_image_count_must_be_twice_the_pair_count(two_jpegs, tmp_path):
         (pickle.dumps({"images": []}), "expected a pickle of"),
         (pickle.dumps(([1, 2], [True])), "image 0 is a int"),
         (pickle.dumps(([b"a", b"b"], [2])), "issame holds values"),
+        (pickle.dumps(([], [])), "the file holds no pairs"),
+        (
+            pickle.dumps(([np.zeros((4, 4, 3), np.uint8)] * 2, [True])),
+            r"image 0 is decoded pixels .*\(4, 4, 3\)",
+        ),
     ],
 )
 def test_malformed_bin_is_an_input_error(tmp_path, content, message):
