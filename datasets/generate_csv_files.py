@@ -31,7 +31,7 @@ from tqdm import tqdm
 from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS
 from devices import available_cpus
 from errors import InputError, report_input_errors
-from fileio import atomic_write
+from fileio import atomic_write, refuse_to_replace
 
 CSV_COLUMNS = ("id", "name", "class", "ext")
 
@@ -154,6 +154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify", action="store_true", help="decode every image; leave unreadable ones out and list them"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --csv_name")
     parser.add_argument(
         "--num_workers", type=int, default=default_num_workers(), help="threads listing/decoding folders"
     )
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
         return tqdm(folders, total=total, unit=" folders", disable=not sys.stderr.isatty())
 
     def body() -> int:
+        refuse_to_replace(args.csv_name, args.overwrite, "--csv_name")
         summary = generate_csv(
             args.dataroot, args.csv_name, verify=args.verify, num_workers=args.num_workers, progress=progress
         )

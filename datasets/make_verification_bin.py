@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 
 from datasets.verification_bin import write_verification_bin
 from errors import report_input_errors
+from fileio import refuse_to_replace
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lfw", required=True, help="folder of aligned images, <Name>/<Name>_NNNN.jpg")
     parser.add_argument("--lfw_pairs", required=True, help="the pairs file (LFW pairs.txt format)")
     parser.add_argument("--output", "-o", required=True, help="the .bin to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser
 
 
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body() -> int:
+        refuse_to_replace(args.output, args.overwrite, "--output")
         summary = write_verification_bin(args.lfw, args.lfw_pairs, args.output)
         print(
             f"wrote {args.output}: {summary.num_pairs} pairs, {summary.num_images} images, "

@@ -195,7 +195,13 @@ def _lfw_image_bytes(lfw_dir: str, name: str, number: int) -> bytes:
             f"LFW image missing: {os.path.join(lfw_dir, name, f'{name}_{number:04d}.jpg')} (also tried .png, .jpeg)"
         )
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read()
+    try:  # refused here, not when the .bin is evaluated later
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except DECODE_ERRORS as error:
+        raise InputError(f"{path}: does not decode as an image ({first_line(error)})") from None
+    return data
 
 
 # the restricted unpickler

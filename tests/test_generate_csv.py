@@ -146,6 +146,11 @@ def test_cli_exit_codes_and_output(tiny_face_tree, tmp_path, capsys):
     )
     assert "12 images of 4 identities" in capsys.readouterr().out
     assert read_rows(csv_path)[1] == brute_force_rows(tiny_face_tree)
+    # a second run keeps the CSV unless --overwrite
+    before = csv_path.read_bytes()
+    assert main(["-d", str(tiny_face_tree), "--csv_name", str(csv_path)]) == 2
+    assert "cli.csv exists; pass --overwrite" in capsys.readouterr().err and csv_path.read_bytes() == before
+    assert main(["-d", str(tiny_face_tree), "--csv_name", str(csv_path), "--overwrite"]) == 0
 
     assert main(["--dataroot", str(tmp_path / "nope"), "--csv_name", str(tmp_path / "n.csv")]) == 2
     err = capsys.readouterr().err

@@ -209,11 +209,27 @@ def test_cli_writes_a_bin_and_reports_bad_input(tiny_lfw, tmp_path, capsys):
     assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 0
     assert "8 pairs, 16 images" in capsys.readouterr().out
     assert len(read_verification_bin(out).issame) == 8
+    other = tmp_path / "other.bin"
     assert (
-        main(["--lfw", str(tmp_path / "nowhere"), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 2
+        main(["--lfw", str(tmp_path / "nowhere"), "--lfw_pairs", str(pairs_path), "--output", str(other)]) == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("error: LFW image folder not found") and err.count("\n") == 1
+    # an existing file is kept unless --overwrite
+    before = out.read_bytes()
+    args = ["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]
+    assert main(args) == 2
+    assert "tiny.bin exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_an_image_that_does_not_decode_is_refused_when_packing(make_lfw_tree, tmp_path, capsys):
+    root, pairs_path = make_lfw_tree()
+    (root / "P0_0" / "P0_0_0002.jpg").write_text("not a jpeg")
+    out = tmp_path / "broken.bin"
+    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "P0_0_0002.jpg: does not decode" in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lfw_tree, tmp_path, capsys):
@@ -226,7 +242,7 @@ def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lf
     assert [block.tolist() for block in np.array_split(issame, 10)] == [[True, True, False, False]] * 10
     # with ten folds the file's own order is kept
     root, pairs_path = make_lfw_tree(num_folds=10, pairs_per_kind=1, root=tmp_path / "ten")
-    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out)]) == 0
+    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out), "--overwrite"]) == 0
     assert "note" not in capsys.readouterr().out
     assert read_verification_bin(out).issame.tolist() == [True, False] * 10
 
