@@ -128,6 +128,22 @@ def resolve_batch_composition(args: argparse.Namespace) -> None:
         raise InputError(
             "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
         )
+    if args.triplet_selection in ONLINE_RULES:
+        if args.num_human_identities_per_batch is not None:
+            raise InputError(
+                "--num_human_identities_per_batch shapes pre-generated triplets (--triplet_selection hard or "
+                f"semihard); --triplet_selection {args.triplet_selection} takes --identities_per_batch"
+            )
+        if args.images_per_identity < 2:
+            raise InputError(
+                f"--images_per_identity {args.images_per_identity}: online mining needs at least 2 images of "
+                "each identity in a batch (a positive)"
+            )
+        if args.identities_per_batch is not None and args.identities_per_batch < 2:
+            raise InputError(
+                f"--identities_per_batch {args.identities_per_batch}: online mining needs at least 2 "
+                "identities in a batch (a negative)"
+            )
     if args.triplet_selection in ONLINE_RULES and args.identities_per_batch is None:
         args.identities_per_batch = args.batch_size // args.images_per_identity
         if args.identities_per_batch < 2:

@@ -416,6 +416,38 @@ def test_a_batch_too_small_for_two_identities_is_a_one_line_error(tiny_demo_data
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--images_per_identity", "1"], "--images_per_identity 1: online mining needs at least 2 images"),
+        (["--identities_per_batch", "1"], "--identities_per_batch 1: online mining needs at least 2 identities"),
+        (["--triplet_selection", "batch_all", "--num_human_identities_per_batch", "4"],
+         "--num_human_identities_per_batch shapes pre-generated triplets"),
+    ],
+)  # fmt: skip
+def test_p_x_k_flags_online_mining_cannot_use_are_refused_before_any_folder(
+    tiny_demo_data, tmp_path, capsys, flags, message
+):
+    assert run_main([*common_args(tiny_demo_data, tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_on_its_first_batch_leaves_no_folder_behind(tiny_demo_data, tmp_path, capsys):
+    """Bad data found only when the first batch loads (a CSV naming images that are not there): the new
+    folder is removed, so the corrected command can use it."""
+    csv_path = tmp_path / "wrong.csv"
+    csv_path.write_text(
+        "id,name,class,ext\n" + "".join(f"img{i},ghost{i % 4},{i % 4},.jpg\n" for i in range(40))
+    )
+    assert run_main(triplet_args(tiny_demo_data, tmp_path / "run", "--dataset_csv", csv_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "ghost" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    assert run_main(triplet_args(tiny_demo_data, tmp_path / "run", "--epochs", "1")) == 0
+
+
 def test_the_original_2021_flag_names_are_accepted():
     """tamerthamoqa's 2021 train_triplet_loss.py renamed some flags; its command lines keep working."""
     parser = train_triplet.get_args_parser()

@@ -211,7 +211,8 @@ def test_cli_writes_a_bin_and_reports_bad_input(tiny_lfw, tmp_path, capsys):
     assert len(read_verification_bin(out).issame) == 8
     other = tmp_path / "other.bin"
     assert (
-        main(["--lfw", str(tmp_path / "nowhere"), "--lfw_pairs", str(pairs_path), "--output", str(other)]) == 2
+        main(["--lfw", str(tmp_path / "nowhere"), "--lfw_pairs", str(pairs_path), "--output", str(other)])
+        == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("error: LFW image folder not found") and err.count("\n") == 1
@@ -242,7 +243,9 @@ def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lf
     assert [block.tolist() for block in np.array_split(issame, 10)] == [[True, True, False, False]] * 10
     # with ten folds the file's own order is kept
     root, pairs_path = make_lfw_tree(num_folds=10, pairs_per_kind=1, root=tmp_path / "ten")
-    assert main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out), "--overwrite"]) == 0
+    assert (
+        main(["--lfw", str(root), "--lfw_pairs", str(pairs_path), "--output", str(out), "--overwrite"]) == 0
+    )
     assert "note" not in capsys.readouterr().out
     assert read_verification_bin(out).issame.tolist() == [True, False] * 10
 

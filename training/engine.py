@@ -212,6 +212,7 @@ class Trainer:
         self.interrupted_path: Path | None = None
         self.consecutive_nonfinite = 0
         self.stop_agreed = False  # some process was asked to stop: all stop after the same step
+        self.steps_completed = 0  # by this process (a failure before the first leaves nothing worth keeping)
 
     # ----- checkpoints
 
@@ -388,7 +389,9 @@ class Trainer:
             backward_and_step(self.task, out.loss, self.scaler, self.args.clip_grad_norm)
             totals.loss_sum += verdict.loss_sum
             totals.count += verdict.count
+            self.steps_completed += 1
             return
+        self.steps_completed += 1
         totals.skipped_steps += 1
         self.consecutive_nonfinite += 1
         for optimizer in self.task.optimizers:
@@ -572,24 +575,26 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
     if auto_resume and resume_checkpoint is None:
         log.info(f"--resume_path auto: no checkpoint in {output_dir}; starting from scratch")
     seed_everything(args.seed)
+    trainer = None
     try:
         task = task_class(args, runtime)  # builds data, model and optimizers
+        if init_source is not None:
+            load_initial_weights(task.model, init_source, args)
+        trainer = Trainer(task, output_dir, validator)
+        if resume_checkpoint is not None:
+            trainer.resume(resume_checkpoint)
+        log.info(
+            f"{task.name} training of {args.model} on {runtime.device}"
+            f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
+            f"{precision_note(args, runtime)}; output in {output_dir}"
+        )
+        return trainer.fit()
     except BaseException:
-        # bad data found before any training: leave the folder as it was, free for the corrected command
-        if fresh:
+        # bad data or a setting the data contradicts, found before a step was completed (the first batch
+        # included): leave a new folder as it was, free for the corrected command
+        if fresh and (trainer is None or trainer.steps_completed == 0):
             release_output_dir(output_dir, remove_folder=fresh == "new")
         raise
-    if init_source is not None:
-        load_initial_weights(task.model, init_source, args)
-    trainer = Trainer(task, output_dir, validator)
-    if resume_checkpoint is not None:
-        trainer.resume(resume_checkpoint)
-    log.info(
-        f"{task.name} training of {args.model} on {runtime.device}"
-        f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
-        f"{precision_note(args, runtime)}; output in {output_dir}"
-    )
-    return trainer.fit()
 
 
 def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: Runtime) -> str | None:
