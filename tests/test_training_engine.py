@@ -1,6 +1,7 @@
 """The training engine (training/): samplers, the step's bookkeeping, precision, schedules and resume."""
 
 import csv
+import json
 import math
 import os
 import signal
@@ -375,6 +376,35 @@ def test_a_run_saved_without_loss_scaling_resumes_under_fp16s_gradient_scaler(
     assert train_center.main([str(a) for a in [*args, "--epochs", "2", "--resume_path", saved]]) == 0
     final = final_checkpoint(tmp_path / "run", "center", 2)
     assert final["epoch"] == 2 and final["grad_scaler_state_dict"]["scale"] > 0
+
+
+def test_a_resume_from_an_earlier_checkpoint_keeps_the_first_config_and_the_abandoned_log_rows(
+    tiny_demo_data, tmp_path, capsys
+):
+    """Resuming from epoch 1 of a two-epoch run (--resume_path auto after the newest checkpoint was cut short
+    by a crash): the unreadable file is named, the first run's run_config.json stays, the resume gets its own,
+    and the abandoned epoch-2 row moves to training_log_superseded.csv instead of leaving two epoch-2 rows."""
+    output_dir = tmp_path / "run"
+    args = [str(a) for a in common_args(tiny_demo_data, output_dir)] + ["--batch_size", "10", "--epochs", "2"]
+    assert train_center.main(args) == 0
+    first_config = (output_dir / "run_config.json").read_bytes()
+    newest = output_dir / "checkpoints" / "model_resnet18_center_epoch_2.pt"
+    newest.write_bytes(
+        newest.read_bytes()[:1000]
+    )  # a crash mid-write on a file system without atomic renames
+    capsys.readouterr()
+    assert train_center.main([*args, "--resume_path", "auto"]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "passing over model_resnet18_center_epoch_2.pt, which does not load" in printed
+    assert (output_dir / "run_config.json").read_bytes() == first_config
+    assert json.loads((output_dir / "run_config_resume_1.json").read_text())["resume_path"].endswith(
+        "epoch_1.pt"
+    )
+    with (output_dir / "training_log.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+    with (output_dir / "training_log_superseded.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["2"]
+    assert final_checkpoint(output_dir, "center", 2)["epoch"] == 2  # rewritten whole
 
 
 def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data, tmp_path, capsys):

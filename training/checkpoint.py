@@ -16,7 +16,7 @@ import torch
 
 from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 from datasets.transforms import mean_and_std, normalization_entry
-from errors import InputError
+from errors import InputError, first_line
 from training.cli import was_given
 from training.runtime import log
 
@@ -59,7 +59,10 @@ def latest_checkpoint(
             position = (int(state["epoch"]), int(state["step_in_epoch"]))
             saved_with = (int(state["batch_size_training"]), int(state.get("world_size", 1)))
             written = path.stat().st_mtime_ns
-        except Exception:  # noqa: BLE001 - not a checkpoint of ours: not a candidate
+        except Exception as error:  # noqa: BLE001 - not a readable checkpoint: not a candidate
+            log.warning(
+                f"--resume_path auto: passing over {path.name}, which does not load ({first_line(error)})"
+            )
             continue
         if world_size is not None and position[1] > 0:
             if saved_with[1] != world_size or batch_size not in (None, saved_with[0]):

@@ -519,9 +519,19 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
         claim_output_dir(output_dir, run_config, resuming=resuming)
         validator = Validator(args, runtime, output_dir)  # reads the pairs files: fails before any writing
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_config, output_dir / "run_config.json")
+        write_json_atomic(run_config, run_config_path(output_dir))
     barrier(runtime)
     return output_dir, validator, fresh
+
+
+def run_config_path(output_dir: Path) -> Path:
+    """``run_config.json`` for a run's first start; each resume adds ``run_config_resume_<k>.json``, so the
+    settings a run began with are never replaced by a resumed run's."""
+    path, resumes = output_dir / "run_config.json", 0
+    while path.exists():
+        resumes += 1
+        path = output_dir / f"run_config_resume_{resumes}.json"
+    return path
 
 
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:

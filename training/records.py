@@ -37,12 +37,29 @@ class History:
 
 
 def append_csv_row(path: Path, row: dict) -> None:
-    """Append ``row`` to a CSV log, writing the header first; a later row with new columns rewrites the header."""
-    rows: list[dict] = []
-    if path.is_file():
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    rows.append(row)
+    """Append ``row`` to a CSV log, writing the header first; a later row with new columns rewrites the header.
+
+    Rows of the same or a later epoch than ``row`` come from a branch of the run that was abandoned (resumed
+    from an earlier checkpoint, or killed after its log row but before its checkpoint): they move to
+    ``<name>_superseded.csv`` next to it, so the log reads as the run that continues and nothing is lost.
+    """
+    rows = _read_rows(path)
+    superseded = [old for old in rows if int(old["epoch"]) >= int(row["epoch"])]
+    if superseded:
+        superseded_path = path.with_name(f"{path.stem}_superseded{path.suffix}")
+        _write_rows(superseded_path, _read_rows(superseded_path) + superseded)
+        rows = [old for old in rows if int(old["epoch"]) < int(row["epoch"])]
+    _write_rows(path, [*rows, row])
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for existing in rows:
         columns.extend(key for key in existing if key not in columns)
