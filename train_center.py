@@ -25,7 +25,13 @@ from errors import InputError
 from losses import CenterLoss
 from training.builders import build_embedding_model, build_optimizer, load_optimizer_state
 from training.cli import base_parser, parse_args, positive_float, run_script
-from training.data import ImagesToDevice, ensure_dataset_csv, shuffled_batches, shuffled_steps
+from training.data import (
+    ImagesToDevice,
+    classifier_classes,
+    ensure_dataset_csv,
+    shuffled_batches,
+    shuffled_steps,
+)
 from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
@@ -88,7 +94,7 @@ class CenterTask(TrainingTask):
             args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
         self.to_device = ImagesToDevice(runtime.device, args.normalization)
-        self.num_classes = self.dataset.num_classes
+        self.num_classes = classifier_classes(self.dataset, args)
         self.num_steps = shuffled_steps(len(self.dataset), args.batch_size, runtime)
         self.model = build_embedding_model(args, runtime.device, num_classes=self.num_classes)
         self.center_loss = CenterLoss(self.num_classes, args.embedding_dim).to(runtime.device)

@@ -33,7 +33,13 @@ from losses.margin_softmax import LOSS_MARGINS
 from losses.partial_fc import CosineClassifier, PartialSGD
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import base_parser, non_negative_float, parse_args, positive_float, run_script
-from training.data import ImagesToDevice, ensure_dataset_csv, shuffled_batches, shuffled_steps
+from training.data import (
+    ImagesToDevice,
+    classifier_classes,
+    ensure_dataset_csv,
+    shuffled_batches,
+    shuffled_steps,
+)
 from training.engine import StepOutput, TrainingTask, run_training
 from training.runtime import Runtime
 
@@ -136,7 +142,7 @@ class MarginTask(TrainingTask):
             args.dataroot, csv_path, transform=train_transform(args.image_size, normalize=False)
         )
         self.to_device = ImagesToDevice(runtime.device, args.normalization)
-        self.num_classes = self.dataset.num_classes
+        self.num_classes = classifier_classes(self.dataset, args)
         if self.num_classes < runtime.world_size:
             raise InputError(
                 f"{self.num_classes} identities cannot be split over {runtime.world_size} processes"

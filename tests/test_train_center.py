@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -127,6 +128,23 @@ def test_two_processes_with_gloo(tiny_demo_data, tmp_path):
 def test_bad_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change, message):
     assert run_main(center_args(tiny_demo_data, tmp_path / "out", *change)) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+@pytest.mark.parametrize("script", ["train_center", "train_margin"])
+def test_a_dataset_of_one_identity_is_refused_naming_the_data(tiny_demo_data, tmp_path, capsys, script):
+    import shutil
+
+    import train_margin
+
+    one = tmp_path / "one_identity"
+    first = sorted(p for p in Path(tiny_demo_data.train_dir).iterdir() if p.is_dir())[0]
+    shutil.copytree(first, one / first.name)
+    main = {"train_center": train_center.main, "train_margin": train_margin.main}[script]
+    args = center_args(tiny_demo_data, tmp_path / "out", "--dataroot", one)
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --dataroot {one}: 1 identity; training a classifier needs at least 2\n"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag", ["--center_loss_weight", "--center_loss_lr", "--logit_scale"])

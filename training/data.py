@@ -14,6 +14,7 @@ from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
 from datasets.transforms import ToNormalizedTensor, mean_and_std
 from devices import usable_workers
+from errors import InputError
 from training.runtime import Runtime, barrier, epoch_seed, log
 
 
@@ -33,6 +34,16 @@ def ensure_dataset_csv(args: argparse.Namespace, runtime: Runtime) -> str | None
         )
     barrier(runtime)
     return str(csv_path)
+
+
+def classifier_classes(dataset, args: argparse.Namespace) -> int:
+    """The identities a classifier over ``dataset`` has (center and margin losses): at least 2, or an InputError
+    naming the data."""
+    if dataset.num_classes < 2:
+        raise InputError(
+            f"--dataroot {args.dataroot}: {dataset.num_classes} identity; training a classifier needs at least 2"
+        )
+    return dataset.num_classes
 
 
 def shard_length(num_items: int, world_size: int, block: int = 1) -> int:
