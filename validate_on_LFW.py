@@ -25,7 +25,7 @@ import torch
 
 import eval_metrics
 import plots
-from datasets.lfw_dataset import LFWDataset
+from datasets.lfw_dataset import LFWDataset, resolve_lfw_pairs
 from datasets.verification_bin import VerificationBinDataset
 from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
@@ -155,10 +155,8 @@ def check_args(args) -> list[tuple[str, Path]]:
         elif not args.lfw.is_dir():
             kind = "file" if args.lfw.suffix.lower() == ".bin" else "folder"
             raise InputError(f"--lfw: {kind} not found: {args.lfw}")
-        elif args.lfw_pairs is None or not args.lfw_pairs.is_file():
-            raise InputError(
-                f"--lfw_pairs: file not found: {args.lfw_pairs} (an --lfw folder needs its pairs)"
-            )
+        else:  # the pairs file given, or the one in the folder, as the training scripts find it
+            args.lfw_pairs = Path(resolve_lfw_pairs(args.lfw, args.lfw_pairs))
         targets.append(("lfw", args.lfw))
     for path in args.val_targets:
         if not path.is_file():

@@ -12,22 +12,15 @@ A ``.rec`` row's path is ``<file>.rec#<record key>``, so messages name the recor
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from datasets.face_table import FaceTable, read_face_csv
-from datasets.image_files import load_image
+from datasets.image_files import is_recordio, load_image
 from datasets.recordio import RecordIOFaceDataset, RecordIOReader, unpack_header
 from errors import InputError
-
-RECORDIO_SUFFIX = ".rec"
-
-
-def is_recordio(dataroot) -> bool:
-    return os.fspath(dataroot).endswith(RECORDIO_SUFFIX)
 
 
 class RecordPaths:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS, load_image
+from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS, is_recordio, load_image
 from errors import InputError, first_line
 
 logger = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ class FaceImageLoader:
         folder = os.path.join(self.table.root_dir, self.table.names[label])
         raise InputError(
             f"identity {self.table.names[label]!r} has no readable image left ({len(candidates) + 1} tried in "
-            f"{folder}); remove the folder or rebuild the csv with generate_csv_files.py --verify"
+            f"{folder}); {self._rebuild_hint()}"
         )
 
     def _check_bad_fraction(self):
@@ -415,5 +415,11 @@ class FaceImageLoader:
             example = self.table.paths[min(self.bad_rows)] if self.bad_rows else "?"
             raise InputError(
                 f"{self.num_bad} of {self.num_loads} image loads failed (more than {self.max_bad_fraction:.0%}), "
-                f"e.g. {example}; check {self.table.root_dir} or rebuild the csv with generate_csv_files.py --verify"
+                f"e.g. {example}; check {self.table.root_dir} or {self._rebuild_hint()}"
             )
+
+    def _rebuild_hint(self) -> str:
+        """How to make a dataset without the unreadable images: re-pack a .rec, re-list a folder."""
+        if is_recordio(self.table.root_dir):
+            return "re-pack it with datasets/pack_recordio.py --verify, which leaves unreadable images out"
+        return "rebuild the csv with datasets/generate_csv_files.py --verify, which leaves them out"

@@ -5,6 +5,7 @@ Kept free of torch so that the CSV tools can use it without importing torch.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -35,3 +36,11 @@ def load_image(path) -> Image.Image:
     """
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+RECORDIO_SUFFIX = ".rec"
+
+
+def is_recordio(dataroot) -> bool:
+    """A --dataroot that names a RecordIO file (``train.rec``, with its ``.idx``) rather than a folder."""
+    return os.fspath(dataroot).endswith(RECORDIO_SUFFIX)

@@ -135,7 +135,8 @@ class LFWDataset(Dataset):
                 name, number = min(missing)
                 raise InputError(
                     f"LFW image missing: {os.path.join(directory, name, f'{name}_{number:04d}.jpg')} "
-                    f"(also tried .png, .jpeg; {len(missing)} missing in all; skip_missing drops their pairs)"
+                    f"(also tried .png, .jpeg; {len(missing)} missing in all; validate_on_LFW.py --skip_missing "
+                    "evaluates without their pairs)"
                 )
             keep = np.array(
                 [
@@ -146,6 +147,12 @@ class LFWDataset(Dataset):
             self._report_dropped(parsed.fold_of_pair[~keep], len(keep), len(missing))
             if not keep.any():
                 raise InputError(f"no LFW pair of {os.fspath(pairs_path)} has both images under {directory}")
+            kept_folds = np.unique(parsed.fold_of_pair[keep])
+            if parsed.num_folds >= 2 and kept_folds.size < 2:
+                raise InputError(
+                    f"{os.fspath(pairs_path)}: only fold {int(kept_folds[0]) + 1} keeps pairs with both images "
+                    f"under {directory} ({int(keep.sum())} pairs); cross-validation needs two folds or more"
+                )
 
         first = [key for key, kept in zip(parsed.first, keep, strict=True) if kept]
         second = [key for key, kept in zip(parsed.second, keep, strict=True) if kept]
@@ -186,3 +193,16 @@ class LFWDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, index
+
+
+def resolve_lfw_pairs(lfw_dir, lfw_pairs) -> str:
+    """``--lfw_pairs`` when given, else the pairs file found in the LFW folder (the scripts' rule)."""
+    if lfw_pairs is not None:
+        if not os.path.isfile(lfw_pairs):
+            raise InputError(f"--lfw_pairs {lfw_pairs}: no such file")
+        return os.fspath(lfw_pairs)
+    for name in ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt"):
+        candidate = os.path.join(lfw_dir, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise InputError(f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {lfw_dir})")

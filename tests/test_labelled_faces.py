@@ -214,16 +214,26 @@ def test_an_identity_without_readable_images_stops_with_an_input_error(tiny_face
         loader(6)
 
 
-def test_too_many_bad_loads_stop_with_an_input_error(tiny_face_csv):
+@pytest.mark.parametrize(
+    "source, hint",
+    [
+        ("folder", "datasets/generate_csv_files.py --verify"),
+        ("recordio", "datasets/pack_recordio.py --verify"),
+    ],
+)
+def test_too_many_bad_loads_stop_with_an_input_error(tiny_face_csv, source, hint):
     root, csv_path = tiny_face_csv
     table = read_face_csv(root, csv_path)
+    if source == "recordio":  # the same rows, as if listed from a .rec: the message names the packer
+        table = table._replace(root_dir=str(root) + ".rec")
     corrupt(root / "id_000" / "img_00.jpg")
     loader = FaceImageLoader(table, max_bad_fraction=0.1, min_loads=10)
     for row in range(12):  # 1 bad of 13 loads (the replacement is a load too) stays under 10%
         loader(row)
-    with pytest.raises(InputError, match=r"image loads failed \(more than 10%\)"):
+    with pytest.raises(InputError, match=r"image loads failed \(more than 10%\)") as error:
         for _ in range(3):
             loader(0)
+    assert hint in str(error.value)
 
 
 # ---------------------------------------------------------------- LabelledFaceDataset

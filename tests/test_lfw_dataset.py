@@ -104,6 +104,18 @@ def test_skip_missing_drops_only_the_affected_pairs_and_keeps_folds(lfw_without_
     assert f"skipped {len(affected)} of 6000 LFW pairs" in caplog.text and detail in caplog.text
 
 
+def test_skip_missing_that_leaves_one_fold_says_so(make_lfw_tree):
+    import shutil
+
+    root, pairs_path = make_lfw_tree(num_folds=2, pairs_per_kind=2)
+    for name in ("P1_0", "P1_1", "P1_2"):  # every image of fold 2
+        shutil.rmtree(root / name)
+    with pytest.raises(
+        InputError, match=r"only fold 1 keeps pairs with both images .* \(4 pairs\); cross-validation"
+    ):
+        LFWDataset(root, pairs_path, skip_missing=True)
+
+
 def test_tiny_lfw_with_png_and_jpeg_files(make_lfw_tree, tmp_path):
     for ext in (".png", ".jpeg"):
         root, pairs_path = make_lfw_tree(ext=ext, root=tmp_path / ext[1:])

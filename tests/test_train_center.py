@@ -130,6 +130,17 @@ def test_bad_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change,
     assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
+def test_a_val_target_named_like_the_lfw_folders_results_is_named_in_the_error(
+    tiny_demo_data, tmp_path, capsys
+):
+    clash = tmp_path / "lfw.bin"
+    clash.write_bytes(b"")
+    assert run_main(center_args(tiny_demo_data, tmp_path / "out", "--val_targets", clash)) == 2
+    assert capsys.readouterr().err == (
+        f"error: --val_targets {clash}: 'lfw' names the --lfw folder's results; rename the file\n"
+    )
+
+
 @pytest.mark.parametrize("script", ["train_center", "train_margin"])
 def test_a_dataset_of_one_identity_is_refused_naming_the_data(tiny_demo_data, tmp_path, capsys, script):
     import shutil

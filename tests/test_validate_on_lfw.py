@@ -304,7 +304,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         "could not read checkpoint": ["--model_path", str(not_a_checkpoint)] + base,
         "--lfw: folder not found": ["--model_path", str(checkpoint), "--lfw", str(tmp_path / "nope")]
         + base[2:],
-        "--lfw_pairs: file not found": ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR)]
+        f"--lfw_pairs {tmp_path / 'nope.txt'}: no such file": [
+            "--model_path",
+            str(checkpoint),
+            "--lfw",
+            str(LFW_DIR),
+        ]
         + ["--lfw_pairs", str(tmp_path / "nope.txt")],
         "expected 'Name i j'": ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR)]
         + ["--lfw_pairs", str(broken_pairs), "--output_dir", str(tmp_path / "o")],
@@ -313,6 +318,16 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert main(argv) == 2, message
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_the_pairs_file_inside_the_lfw_folder_is_found_as_training_finds_it(make_lfw_tree, tmp_path, capsys):
+    root, pairs_path = make_lfw_tree(num_folds=2, pairs_per_kind=2, size=32)
+    (root / "pairs.txt").write_bytes(pairs_path.read_bytes())
+    checkpoint = save_untrained_checkpoint(tmp_path / "model.pt", image_size=32)
+    args = ["--model_path", str(checkpoint), "--lfw", str(root), "--num_workers", "0", "--no_progress"]
+    assert main([*args, "--output_dir", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "lfw_metrics.json").read_text())
+    assert report["evaluation"]["lfw_pairs"] == str(root / "pairs.txt")
 
 
 def test_flip_through_embed_images_matches_validation_path():
@@ -363,7 +378,10 @@ def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
         ([], "nothing to evaluate"),
         (["--lfw", "/nonexistent.bin"], "--lfw: file not found: /nonexistent.bin"),
         (["--val_targets", "/nonexistent/cfp_fp.bin"], "--val_targets: file not found"),
-        (["--lfw", str(LFW_DIR)], "--lfw_pairs: file not found"),
+        (
+            ["--lfw", str(LFW_DIR)],
+            f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {LFW_DIR})",
+        ),
     ],
 )
 def test_command_target_errors_are_one_line(tmp_path, capsys, args, message):

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from checkpoint_loading import PREPROCESS_PRESETS, preset_help
-from datasets.face_source import is_recordio
+from datasets.image_files import is_recordio
+from datasets.lfw_dataset import resolve_lfw_pairs
 from demo.make_demo_dataset import make_demo_dataset
 from devices import AMP_CHOICES
 from errors import InputError, report_input_errors, require_int
@@ -346,7 +347,10 @@ def check_common_args(args: argparse.Namespace) -> None:
         if not Path(target).is_file():
             raise InputError(f"--val_targets {target}: no such file")
     names = [Path(target).stem for target in args.val_targets]
-    if len(set(names)) != len(names) or (args.lfw is not None and "lfw" in names):
+    if args.lfw is not None and "lfw" in names:
+        clash = args.val_targets[names.index("lfw")]
+        raise InputError(f"--val_targets {clash}: 'lfw' names the --lfw folder's results; rename the file")
+    if len(set(names)) != len(names):
         raise InputError(f"--val_targets: two targets share a name ({', '.join(names)}); rename one file")
 
 
@@ -393,19 +397,6 @@ def check_dataroot(args: argparse.Namespace) -> None:
         raise InputError(f"--dataroot {args.dataroot}: the folder is empty")
     if args.dataset_csv is not None and not Path(args.dataset_csv).is_file():
         raise InputError(f"--dataset_csv {args.dataset_csv}: no such file")
-
-
-def resolve_lfw_pairs(lfw_dir: str, lfw_pairs: str | None) -> str:
-    """``--lfw_pairs`` when given, else the pairs file found in the LFW folder."""
-    if lfw_pairs is not None:
-        if not Path(lfw_pairs).is_file():
-            raise InputError(f"--lfw_pairs {lfw_pairs}: no such file")
-        return lfw_pairs
-    for name in ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt"):
-        candidate = Path(lfw_dir) / name
-        if candidate.is_file():
-            return str(candidate)
-    raise InputError(f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {lfw_dir})")
 
 
 def run_script(main_body, argv: list[str] | None) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datasets.face_source import is_recordio
 from datasets.generate_csv_files import generate_csv
+from datasets.image_files import is_recordio
 from datasets.transforms import ToNormalizedTensor, mean_and_std
 from devices import usable_workers
 from errors import InputError
