@@ -54,7 +54,7 @@ from torch import nn
 from datasets.face_alignment import TEMPLATES
 from datasets.transforms import eval_transform
 from errors import InputError
-from models import MODEL_NAMES, Preprocessing, build_model
+from models import MODEL_NAMES, Preprocessing, build_model, min_image_size
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -387,6 +387,10 @@ def _load(
     _load_weights(model, state, architecture, path, keep_classifier, new_head)
     preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
     if image_size is not None:
+        if int(image_size) < min_image_size(architecture):  # the size training refuses for this model
+            raise InputError(
+                f"--image_size {image_size}: {architecture} needs at least {min_image_size(architecture)} px"
+            )
         preprocessing = preprocessing._replace(image_size=int(image_size))
     # a new head's distances are on another scale than the stored threshold's
     threshold = None if new_head else _optional_float(checkpoint.get("best_distance_threshold"))

@@ -122,6 +122,8 @@ def margins_of(args: argparse.Namespace) -> tuple[float, float, float]:
                 "--margin sets arcface's or cosface's margin; give --margins M1 M2 M3 for combined"
             )
         return tuple(args.margins)
+    if "margins" in getattr(args, "given_flags", ()):  # on the command line (not merely the default)
+        raise InputError(f"--margins sets the combined loss's margins; --loss {args.loss} takes --margin")
     m1, m2, m3 = LOSS_MARGINS[args.loss]
     if args.margin is None:
         return m1, m2, m3

@@ -201,7 +201,7 @@ def test_a_killed_run_resubmitted_with_auto_resume_ends_like_an_uninterrupted_on
     assert list((tmp_path / "killed" / "checkpoints").glob("*_epoch_2_step_4.pt"))
     resumed = run(command(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "continuing at epoch 2, step 5" in resumed.stdout
+    assert "continuing at epoch 2 of 2, step 5 of 6" in resumed.stdout
     final = [
         torch.load(folder / "checkpoints" / "model_resnet18_triplet_epoch_2.pt", weights_only=True)
         for folder in (tmp_path / "straight", tmp_path / "killed")

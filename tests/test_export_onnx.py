@@ -103,3 +103,6 @@ def test_never_overwrites_without_overwrite(checkpoint, capsys):
         == 2
     )
     assert not output.with_name("g.onnx").exists() and not output.with_name("old.onnx").exists()
+    small = output.with_name("small.onnx")
+    assert export_onnx.main(["--model_path", str(path), str(small), "--image_size", "8"]) == 2
+    assert "--image_size 8: resnet18 needs at least 32 px" in capsys.readouterr().err and not small.exists()

@@ -95,6 +95,7 @@ def test_sampled_classifier_trains_and_keeps_untouched_centers(tiny_demo_data, t
         (["--sample_rate", "1.5"], "--sample_rate must be in (0, 1]"),
         (["--loss", "combined", "--margin", "0.3"], "give --margins M1 M2 M3 for combined"),
         (["--loss", "combined", "--margins", "0", "0.3", "0.2"], "--loss combined"),
+        (["--loss", "cosface", "--margins", "1", "0.3", "0.2"], "--loss cosface takes --margin"),
     ],
 )
 def test_bad_margin_settings_are_one_line_errors(tiny_demo_data, tmp_path, capsys, extra, message):

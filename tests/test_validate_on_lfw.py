@@ -382,6 +382,10 @@ def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
             ["--lfw", str(LFW_DIR)],
             f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {LFW_DIR})",
         ),
+        (
+            ["--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS), "--image_size", "8"],
+            "--image_size 8: resnet18 needs at least 32 px",
+        ),
     ],
 )
 def test_command_target_errors_are_one_line(tmp_path, capsys, args, message):

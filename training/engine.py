@@ -202,6 +202,11 @@ class Trainer:
         self.schedule = LearningRateSchedule.for_run(
             self.args, task.scheduled_optimizers(), self.args.epochs, self.steps_per_epoch
         )
+        if getattr(self.args, "warmup_epochs", 0.0) > self.args.epochs:
+            log.warning(
+                f"--warmup_epochs {self.args.warmup_epochs} is longer than --epochs {self.args.epochs}: the lr "
+                "will not reach --lr in this run"
+            )
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.use_grad_scaler)
         self.history = History()
         self.best_distance_threshold: float | None = None
@@ -308,10 +313,10 @@ class Trainer:
                 "(--epochs counts them all); nothing to train, pass a larger --epochs to continue"
             )
         else:
-            where = f"epoch {self.start_epoch + 1}" + (
-                f", step {self.start_step + 1}" if self.start_step else ""
+            where = f"epoch {self.start_epoch + 1} of {self.args.epochs}" + (
+                f", step {self.start_step + 1} of {self.steps_per_epoch}" if self.start_step else ""
             )
-            log.info(f"resumed from {self.args.resume_path}: continuing at {where} of {self.args.epochs}")
+            log.info(f"resumed from {self.args.resume_path}: continuing at {where}")
         changes = resumed_changes(checkpoint, self.args)
         if changes:
             log.info(f"changed on the command line: {', '.join(changes)}")
