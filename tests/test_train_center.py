@@ -141,6 +141,20 @@ def test_a_val_target_named_like_the_lfw_folders_results_is_named_in_the_error(
     )
 
 
+def test_a_replaced_unreadable_image_is_in_train_log_too(tiny_demo_data, tmp_path, capsys):
+    """The data pipeline's warnings belong to the run: train.log keeps them, not only the console."""
+    import shutil
+
+    data = tmp_path / "faces"
+    shutil.copytree(tiny_demo_data.train_dir, data)
+    broken = sorted(data.rglob("*.png"))[0]
+    broken.write_text("not an image")
+    assert run_main(center_args(tiny_demo_data, tmp_path / "out", "--dataroot", data, "--epochs", "1")) == 0
+    text = (tmp_path / "out" / "train.log").read_text()
+    assert f"replaced unreadable {broken}" in text
+    assert f"replaced unreadable {broken}" in "".join(capsys.readouterr())  # and on the console, once
+
+
 @pytest.mark.parametrize("script", ["train_center", "train_margin"])
 def test_a_dataset_of_one_identity_is_refused_naming_the_data(tiny_demo_data, tmp_path, capsys, script):
     import shutil

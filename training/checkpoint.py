@@ -18,7 +18,7 @@ from checkpoint_loading import CHECKPOINT_FORMAT_VERSION, read_checkpoint
 from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError, first_line
 from training.cli import was_given
-from training.runtime import log
+from training.runtime import close_run_logs, log
 
 # a folder holding a run with other values of these is another run, never to be written into
 RUN_IDENTITY_KEYS = ("task", "model", "embedding_dim", "dataroot", "seed")
@@ -211,9 +211,7 @@ def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None
 def release_output_dir(output_dir: Path, remove_folder: bool) -> None:
     """Undo a claim of a folder that was new or empty, when the run failed before training (bad data):
     delete what it wrote (run_config.json, train.log, dataset.csv), and the folder when it made it."""
-    for handler in log.handlers:  # train.log is closed before it is deleted
-        handler.close()
-    log.handlers.clear()
+    close_run_logs()  # train.log is closed before it is deleted
     for child in output_dir.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     if remove_folder:

@@ -119,9 +119,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+# the packages a run's data and checkpoints go through: their warnings (an unreadable image replaced, pairs
+# skipped) are the run's too, so they reach train.log as well as the console
+RUN_MODULE_LOGGERS = ("datasets", "checkpoint_loading")
+
+
 def configure_logging(output_dir: Path | None, is_main: bool) -> None:
-    """Messages to stdout (warnings only on the other ranks) and, on the main process, to train.log."""
-    log.handlers.clear()
+    """Messages to stdout (warnings only on the other ranks) and, on the main process, to train.log; the
+    warnings of RUN_MODULE_LOGGERS go to both as well."""
+    close_run_logs()
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
@@ -131,6 +137,18 @@ def configure_logging(output_dir: Path | None, is_main: bool) -> None:
         to_file = logging.FileHandler(output_dir / "train.log")
         to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(to_file)
+    for name in RUN_MODULE_LOGGERS:
+        for handler in log.handlers:
+            logging.getLogger(name).addHandler(handler)
+
+
+def close_run_logs() -> None:
+    """Detach and close the run's log handlers (train.log can then be deleted or reopened)."""
+    for handler in log.handlers:
+        for name in RUN_MODULE_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+    log.handlers.clear()
 
 
 def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
