@@ -468,3 +468,13 @@ def test_an_image_size_below_what_the_model_takes_is_refused_up_front(
     assert run_main(args) == 2
     assert f"error: --image_size {size}: {model} needs at least {smallest} px" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["train_triplet", "train_center", "train_margin"])
+def test_help_shows_defaults_that_exist_and_says_random_weights_are_the_default(script):
+    import importlib
+
+    text = importlib.import_module(script).get_args_parser().format_help()
+    assert "(default: None)" not in text and "(default: True)" not in text
+    assert "start from random weights (the default)" in text
+    assert "(default: 0)" in text  # a zero default is still shown (--freeze_backbone_epochs, --seed)

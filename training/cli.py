@@ -74,11 +74,22 @@ def pretrained_weights_name(text: str):
     return name
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after a flag's help, except where there is nothing to show (None, a required flag, a
+    switch that only sets False) or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.required or "default" in text:
+            return text
+        if isinstance(action, argparse._StoreFalseAction):  # --no-X: the default is the other switch's
+            return text
+        return super()._get_help_string(action)
+
+
 def base_parser(description: str, default_output_name: str) -> argparse.ArgumentParser:
     """The parser both scripts start from: the original's flags and the additions listed in README.md."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     _add_data_arguments(parser.add_argument_group("data"))
     _add_model_arguments(parser.add_argument_group("model"))
     _add_training_arguments(parser.add_argument_group("training"))
@@ -164,7 +175,10 @@ def _add_model_arguments(model) -> None:
         "'vggface2' or 'casia-webface' for inception_resnet_v1 (facenet-pytorch's; its download and cache)",
     )
     model.add_argument(
-        "--no-pretrained", dest="pretrained", action="store_false", help="start from random weights"
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="start from random weights (the default)",
     )
     model.add_argument(
         "--init_from",
