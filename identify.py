@@ -76,7 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--model_path", required=True, type=Path, help="checkpoint (.pt), any supported layout"
     )
     parser.add_argument(
-        "--gallery", required=True, type=Path, help="folder with one folder of photos per known person"
+        "--gallery",
+        required=True,
+        type=Path,
+        help="folder with one folder of photos per known person; its embeddings are cached there, in a hidden "
+        f"{CACHE_PREFIX}<key>.pt per model and settings (skipped when the folder is read-only)",
     )
     parser.add_argument(
         "--align",
