@@ -31,7 +31,7 @@ from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
 from fileio import write_json_atomic
 from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
-from verification import evaluate_model_on_lfw
+from verification import check_pair_labels, evaluate_model_on_lfw
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -185,9 +185,9 @@ def open_target(name: str, path: Path, args, transform):
     return dataset, {"target": name, "lfw_dir": str(path), "lfw_pairs": str(args.lfw_pairs)}
 
 
-def evaluate_target(name, path, loaded, args, device, amp_dtype, paths) -> dict:
-    """Evaluate one target, print its metrics, write its JSON and ROC plot; returns the JSON data."""
-    dataset, source = open_target(name, path, args, loaded.transform())
+def evaluate_target(name, opened, loaded, args, device, amp_dtype, paths) -> dict:
+    """Evaluate one opened target, print its metrics, write its JSON and ROC plot; returns the JSON data."""
+    dataset, source = opened
     label = "LFW" if name == "lfw" else name
     print(f"{label}: {len(dataset.issame)} pairs, {len(dataset)} images")
     metrics, _ = evaluate_model_on_lfw(
@@ -245,9 +245,13 @@ def run(args) -> dict:
         f"{args.model_path}: {loaded.architecture} ({loaded.layout} layout), epoch {loaded.epoch}, "
         f"{loaded.image_size} px, on {device}"
     )
+    # every target's files are read and checked before the first is embedded: a bad one fails in seconds
+    opened = {name: open_target(name, path, args, loaded.transform()) for name, path in targets}
+    for name, (dataset, _) in opened.items():
+        check_pair_labels(dataset.issame, "LFW" if name == "lfw" else name)
     reports = {
-        name: evaluate_target(name, path, loaded, args, device, amp_dtype, paths[name])
-        for name, path in targets
+        name: evaluate_target(name, opened[name], loaded, args, device, amp_dtype, paths[name])
+        for name, _ in targets
     }
     first = next(iter(reports.values()))
     if len(reports) > 1:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import eval_metrics
+from errors import InputError
 from inference import embed_images
 
 
@@ -65,6 +66,18 @@ def distances_of_pairs(embeddings, pairs) -> np.ndarray:
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape (num_pairs, 2), got {pairs.shape}")
     return np.linalg.norm(embeddings[pairs[:, 0]] - embeddings[pairs[:, 1]], axis=1)
+
+
+def check_pair_labels(issame, target: str) -> None:
+    """An InputError naming ``target`` when its pairs cannot be evaluated (all of one kind, or fewer than two
+    of each): checked before any image is embedded."""
+    issame = np.asarray(issame, dtype=bool)
+    same, different = int(issame.sum()), int((~issame).sum())
+    if same < 2 or different < 2:
+        raise InputError(
+            f"{target}: {same} same-person and {different} different-person pairs; the protocol needs at least "
+            "2 of each"
+        )
 
 
 def evaluate_model_on_lfw(

@@ -320,6 +320,24 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_target_that_cannot_be_evaluated_fails_before_any_is_embedded(tmp_path, capsys):
+    """A .bin of same-person pairs only, given after LFW: refused by name before LFW's 7,000 images are
+    embedded, and nothing written."""
+    import pickle
+
+    checkpoint = save_untrained_checkpoint(tmp_path / "model.pt", image_size=32)
+    jpeg = next(LFW_DIR.glob("*/*.jpg")).read_bytes()
+    same_only = tmp_path / "same_only.bin"
+    same_only.write_bytes(pickle.dumps(([jpeg] * 8, [True] * 4)))
+    args = ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
+    assert main([*args, "--val_targets", str(same_only), "--output_dir", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: same_only: 4 same-person and 0 different-person pairs; the protocol needs at least 2 of each\n"
+    )
+    assert "Accuracy" not in captured.out and not (tmp_path / "o").exists()
+
+
 def test_the_pairs_file_inside_the_lfw_folder_is_found_as_training_finds_it(make_lfw_tree, tmp_path, capsys):
     root, pairs_path = make_lfw_tree(num_folds=2, pairs_per_kind=2, size=32)
     (root / "pairs.txt").write_bytes(pairs_path.read_bytes())

@@ -15,7 +15,7 @@ from datasets.transforms import eval_transform, mean_and_std
 from datasets.verification_bin import VerificationBinDataset
 from devices import usable_workers
 from training.runtime import Runtime, log
-from verification import evaluate_model_on_lfw
+from verification import check_pair_labels, evaluate_model_on_lfw
 
 
 def verification_targets(args: argparse.Namespace) -> dict[str, object]:
@@ -26,6 +26,8 @@ def verification_targets(args: argparse.Namespace) -> dict[str, object]:
         targets["lfw"] = LFWDataset(args.lfw, args.lfw_pairs, transform=transform)
     for path in args.val_targets:
         targets[Path(path).stem] = VerificationBinDataset(path, transform=transform)
+    for name, dataset in targets.items():  # before training, not at the end of the first epoch
+        check_pair_labels(dataset.issame, "--lfw" if name == "lfw" else f"--val_targets {name}")
     return targets
 
 
