@@ -32,7 +32,14 @@ from errors import InputError
 from losses.margin_softmax import LOSS_MARGINS
 from losses.partial_fc import CosineClassifier, PartialSGD
 from training.builders import build_embedding_model, build_optimizer
-from training.cli import base_parser, non_negative_float, parse_args, positive_float, run_script
+from training.cli import (
+    base_parser,
+    non_negative_float,
+    parse_args,
+    positive_float,
+    run_script,
+    unit_interval_float,
+)
 from training.data import (
     ImagesToDevice,
     classifier_classes,
@@ -103,6 +110,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the class centers' SGD lr is --lr times this (momentum 0.9, the model's --weight_decay); "
         "default: 1 with --optimizer sgd, else 100 (the adaptive optimizers' lr is about 100x smaller)",
     )
+    margin.add_argument(
+        "--center_momentum",
+        type=unit_interval_float,
+        default=None,
+        metavar="M",
+        help="class centers as moving averages of their embeddings instead of learned by SGD: each center in "
+        "a batch becomes normalize(M * center + (1 - M) * the class's mean embedding direction) (Smirnov et "
+        "al. 2021's prototype memory; with few images per identity it learned much better in "
+        "benchmarks/bench_learning.py, at 0.5); default: learned centers, as the papers",
+    )
     parser.set_defaults(**MARGIN_DEFAULTS)
     return parser
 
@@ -159,20 +176,30 @@ class MarginTask(TrainingTask):
                 margin=margins_of(args),
                 scale=args.margin_scale,
                 seed=args.seed,
+                center_momentum=args.center_momentum,
             ).to(runtime.device)
         except ValueError as error:  # a margin outside what the formula allows
             raise InputError(f"--loss {args.loss}: {error}") from None
         # only the backbone goes into DDP: the classifier is sharded, each process steps its own centers
         self.step_module = self.model
         self.optimizers = [
-            build_optimizer(args.optimizer, self.model.parameters(), args.lr, args.weight_decay),
-            PartialSGD(
-                self.classifier,
-                lr=args.lr * classifier_lr_scale(args),
-                momentum=0.9,
-                weight_decay=args.weight_decay,
-            ),
+            build_optimizer(args.optimizer, self.model.parameters(), args.lr, args.weight_decay)
         ]
+        if args.center_momentum is None:  # learned centers; moving-average ones need no optimizer
+            self.optimizers.append(
+                PartialSGD(
+                    self.classifier,
+                    lr=args.lr * classifier_lr_scale(args),
+                    momentum=0.9,
+                    weight_decay=args.weight_decay,
+                )
+            )
+
+    def centers_optimizer(self) -> PartialSGD | None:
+        return self.optimizers[1] if len(self.optimizers) > 1 else None
+
+    def trained_tensors(self) -> list[torch.Tensor]:
+        return [*super().trained_tensors(), self.classifier.weight]
 
     def steps_per_epoch(self) -> int:
         return self.num_steps
@@ -194,7 +221,7 @@ class MarginTask(TrainingTask):
         # a collective: every process sends its centers (and their momentum) to rank 0
         return {
             "num_classes": self.num_classes,
-            "classifier_state_dict": self.classifier.full_state_dict(self.optimizers[1]),
+            "classifier_state_dict": self.classifier.full_state_dict(self.centers_optimizer()),
             "margins": list(self.classifier.margin),
             "margin_scale": self.classifier.scale,
         }
@@ -205,7 +232,7 @@ class MarginTask(TrainingTask):
                 f"--resume_path: the checkpoint was trained on {checkpoint['num_classes']} identities, "
                 f"the dataset has {self.num_classes}"
             )
-        self.classifier.load_full_state_dict(checkpoint["classifier_state_dict"], self.optimizers[1])
+        self.classifier.load_full_state_dict(checkpoint["classifier_state_dict"], self.centers_optimizer())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,18 @@ sampling, every row, exactly as ``torch.optim.SGD``. The gradient is an ordinary
 in the rows not sampled), so GradScaler's unscale and inf check work as usual (both see this rank's shard
 only, as would a gradient-norm clip).
 
+Centers as moving averages (``center_momentum`` m, optional). Instead of being learned by the optimizer,
+each center of this shard that is a label in the global batch moves after the step's loss is computed:
+``c <- normalize(m * c / |c| + (1 - m) * u)``, with u the normalised sum of that class's unit embeddings in
+the batch (their mean direction); the weight then takes no gradient and the optimizer leaves it alone. This is
+the prototype memory of Smirnov et al., "Prototype Memory for Large-scale Face Representation Learning"
+(2021, https://arxiv.org/abs/2105.02103): with few images per identity a center learned by SGD sees too few
+updates to be worth much, while an average of the embeddings is one as soon as the class is seen. Every rank
+updates its own shard from the gathered global batch, so W ranks move the centers as one process would. The
+centers then need no optimizer (leave them out of GradScaler's: it refuses an optimizer without gradients).
+
 Device syncs: forward checks the labels' range (one sync), gathers the ranks' batch sizes when W > 1 (one),
-and sampling needs the number of positives (a few).
+sampling needs the number of positives (a few), and moving the centers one more.
 
 Checkpoints. ``state_dict()`` holds this rank's shard. To move between world sizes, ``full_state_dict`` (a
 collective call) gathers the full weight and the full momentum to rank 0, and ``load_full_state_dict``, called
@@ -200,6 +210,7 @@ class CosineClassifier(nn.Module):
         process_group=None,
         seed: int = 0,
         monotonic: bool = True,
+        center_momentum: float | None = None,
     ):
         super().__init__()
         if num_classes < 1 or embedding_dim < 1:
@@ -213,6 +224,8 @@ class CosineClassifier(nn.Module):
         if len(margin) != 3:
             raise ValueError(f"margin must be (m1, m2, m3), got {margin}")
         fallback_threshold(*margin[:2])  # validates m1 and m2
+        if center_momentum is not None and not 0.0 <= center_momentum < 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1), got {center_momentum}")
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.sample_rate = float(sample_rate)
@@ -226,8 +239,10 @@ class CosineClassifier(nn.Module):
             raise ValueError(f"{num_classes} classes cannot be split over {self.world_size} ranks")
         self.class_start, self.class_stop = shard_range(num_classes, self.world_size, self.rank)
         self.shard_size = self.class_stop - self.class_start
+        self.center_momentum = None if center_momentum is None else float(center_momentum)
         self.weight = nn.Parameter(
-            initial_weight(self.seed, self.class_start, self.class_stop, embedding_dim)
+            initial_weight(self.seed, self.class_start, self.class_stop, embedding_dim),
+            requires_grad=self.center_momentum is None,  # moving-average centers are not learned
         )
         self.sample_step = 0
         self._updated_rows: torch.Tensor | None = None  # local rows used since the optimizer's last step
@@ -253,6 +268,7 @@ class CosineClassifier(nn.Module):
                 labels = _all_gather_rows(labels, sizes, self.process_group)
             in_shard = (labels >= self.class_start) & (labels < self.class_stop)
             local_labels = torch.where(in_shard, labels - self.class_start, -1)
+            shard_labels = local_labels
             weight = self.weight
             # sampling is for training steps; a loss under no_grad (validation) sees every class
             if self.training and self.sample_rate < 1.0 and torch.is_grad_enabled():
@@ -264,13 +280,40 @@ class CosineClassifier(nn.Module):
                 rows = None
             if torch.is_grad_enabled() and self.weight.requires_grad:
                 self._record_rows(rows)
+            if self.center_momentum is not None and rows is None:
+                # the centers move in place after the loss; backward needs the ones the loss saw
+                weight = weight.clone()
             # x . w / |w| rather than x . normalize(w): no normalised copy of the weight, and a backward with
             # one elementwise pass over the weight instead of normalize's several
             weight = weight.to(dtype)
             weight_norms = torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS)
             cosine = F.linear(embeddings, weight) / weight_norms
             logits = margin_logits(cosine, local_labels, self.scale, *self.margin, monotonic=self.monotonic)
-            return _ShardedCrossEntropy.apply(logits, local_labels, self.process_group, self.world_size > 1)
+            loss = _ShardedCrossEntropy.apply(logits, local_labels, self.process_group, self.world_size > 1)
+            if self.center_momentum is not None and self.training and torch.is_grad_enabled():
+                # after the logits: this step's loss saw the centers as they were (the cosine keeps its own
+                # copy of the weight for backward, so the in-place move below leaves that intact)
+                self._move_centers(embeddings.detach(), shard_labels)
+            return loss
+
+    @torch.no_grad()
+    def _move_centers(self, embeddings: torch.Tensor, shard_labels: torch.Tensor) -> None:
+        """The moving-average update of this shard's centers that are labels of the global batch (see the
+        module docstring); a batch whose embeddings are not finite (an fp16 overflow) moves nothing."""
+        if not bool(torch.isfinite(embeddings).all()):
+            return
+        present = shard_labels >= 0
+        rows, members = shard_labels[present], embeddings[present]
+        if rows.numel() == 0:
+            return
+        classes, position = torch.unique(rows, return_inverse=True)
+        sums = torch.zeros(
+            classes.numel(), embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device
+        )
+        directions = F.normalize(sums.index_add_(0, position, members), dim=1)
+        current = F.normalize(self.weight[classes].to(embeddings.dtype), dim=1)
+        moved = F.normalize(self.center_momentum * current + (1.0 - self.center_momentum) * directions, dim=1)
+        self.weight[classes] = moved.to(self.weight.dtype)
 
     @torch.no_grad()
     def sample_rows(self, local_labels: torch.Tensor) -> torch.Tensor:
@@ -404,6 +447,7 @@ class CosineClassifier(nn.Module):
             f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
             f"shard=[{self.class_start}, {self.class_stop}) of {self.world_size}, "
             f"sample_rate={self.sample_rate}, margin={self.margin}, scale={self.scale}"
+            + ("" if self.center_momentum is None else f", center_momentum={self.center_momentum}")
         )
 
 

@@ -180,6 +180,45 @@ def test_classifier_matches_cross_entropy_reference(margin):
     torch.testing.assert_close(classifier.weight.grad, ref_weight.grad, rtol=1e-10, atol=1e-10)
 
 
+def brute_force_moved_centers(weight, embeddings, labels, momentum):
+    """Each class of the batch: normalize(m * its unit center + (1 - m) * its embeddings' mean direction)."""
+    moved = weight.clone()
+    for label in sorted(set(labels.tolist())):
+        members = [F.normalize(embeddings[i], dim=0) for i in range(len(labels)) if labels[i] == label]
+        direction = F.normalize(sum(members), dim=0)
+        center = F.normalize(weight[label], dim=0)
+        moved[label] = F.normalize(momentum * center + (1 - momentum) * direction, dim=0)
+    return moved
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_moving_average_centers_match_a_brute_force_update_and_take_no_gradient(sample_rate):
+    """The loss and the embeddings' gradient are those of the centers before the move; then each center of the
+    batch moves as the formula says, the others stay, and the weight has no gradient."""
+    classifier = make_classifier(9, margin=COSFACE, center_momentum=0.5, sample_rate=sample_rate)
+    embeddings, labels = batch(9, 12)
+    before = classifier.weight.detach().clone()
+    embeddings.requires_grad_()
+    loss = classifier(embeddings, labels)
+    loss.backward()
+    reference_embeddings = embeddings.detach().clone().requires_grad_()
+    if sample_rate == 1.0:  # (sampled, the loss is over a random subset: test_sampled_loss_... checks that)
+        expected = reference_loss(reference_embeddings, before, labels, COSFACE)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(embeddings.grad, reference_embeddings.grad, rtol=1e-10, atol=1e-10)
+    assert classifier.weight.grad is None and not classifier.weight.requires_grad
+    expected_weight = brute_force_moved_centers(before, embeddings.detach(), labels, 0.5)
+    torch.testing.assert_close(classifier.weight.detach(), expected_weight, rtol=1e-12, atol=1e-12)
+    untouched = sorted(set(range(9)) - set(labels.tolist()))
+    assert untouched and torch.equal(classifier.weight[untouched], before[untouched])
+    # validation (no_grad, eval) moves nothing
+    moved = classifier.weight.detach().clone()
+    with torch.no_grad():
+        classifier.eval()(embeddings.detach(), labels)
+    assert torch.equal(classifier.weight, moved)
+
+
 def test_classifier_rejects_labels_out_of_range():
     classifier = make_classifier(4)
     with pytest.raises(ValueError, match="labels"):
@@ -503,6 +542,32 @@ def test_two_shards_on_gloo_match_the_single_process_classifier(tmp_path):
             torch.testing.assert_close(result["embeddings_grad"] / 2, embeddings.grad[rows], **close)
             for got, want in zip(result["backbone_grads"], backbone.parameters(), strict=True):
                 torch.testing.assert_close(got, want.grad, **close)
+
+
+def _moving_centers_worker(rank, out_dir):
+    data = problem(7, EXACT_LABELS)
+    start = sum(data["sizes"][:rank])
+    local = slice(start, start + data["sizes"][rank])
+    classifier = CosineClassifier(7, 5, margin=COSFACE, center_momentum=0.3).double()
+    classifier.load_full_state_dict(full_state(data))
+    embeddings = backbone_from(data)(data["inputs"][local])
+    classifier(embeddings, data["labels"][local]).backward()
+    torch.save(
+        {"weight": classifier.weight.detach(), "shard": (classifier.class_start, classifier.class_stop)},
+        os.path.join(out_dir, f"moving{rank}.pt"),
+    )
+
+
+def test_two_shards_move_their_centers_as_one_process_over_the_global_batch(tmp_path):
+    run_on_gloo(_moving_centers_worker, str(tmp_path))
+    data = problem(7, EXACT_LABELS)
+    with torch.no_grad():
+        embeddings = backbone_from(data)(data["inputs"])
+    expected = brute_force_moved_centers(data["weight"], embeddings, data["labels"], 0.3)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"moving{rank}.pt", weights_only=True)
+        start, stop = result["shard"]
+        torch.testing.assert_close(result["weight"], expected[start:stop], rtol=1e-10, atol=1e-10)
 
 
 CHECKPOINT_HYPER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}

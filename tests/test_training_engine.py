@@ -294,6 +294,13 @@ RESUME_CASES = {
         "cosine",
         5,
     ),
+    # moving-average centers: no optimizer of their own, their values alone carry the state
+    "margin-moving-centers-mid-epoch": (
+        train_margin,
+        ["--batch_size", "10", "--center_momentum", "0.5"],
+        "constant",
+        5,
+    ),
     # PartialFC's sampled centers and their momentum must resume too
     "margin-poly-mid-epoch": (
         train_margin,

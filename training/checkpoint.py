@@ -127,7 +127,7 @@ RESUMED_RECIPE = (
     # train_center.py
     "center_loss_lr", "center_loss_weight", "logit_scale",
     # train_margin.py
-    "loss", "margin_scale", "margins", "sample_rate", "classifier_lr_scale",
+    "loss", "margin_scale", "margins", "sample_rate", "classifier_lr_scale", "center_momentum",
 )  # fmt: skip
 
 

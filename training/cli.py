@@ -56,6 +56,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_interval_float(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number of at least 0."""
     value = float(text)

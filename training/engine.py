@@ -106,6 +106,13 @@ class TrainingTask:
         """The optimizers whose lr follows --lr_schedule and --warmup_epochs (default: all)."""
         return self.optimizers
 
+    def trained_tensors(self) -> list[torch.Tensor]:
+        """Every tensor training changes besides the model's own (checked to be finite at each epoch's end):
+        by default, what the optimizers hold."""
+        return [
+            p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]
+        ]
+
     def checkpoint_extras(self) -> dict:
         return {}
 
@@ -440,13 +447,8 @@ class Trainer:
         """Weights or batch-norm statistics that are not finite (a finite loss can still come with an inf
         gradient) end the run before they are validated or saved. The weights are the same on every process,
         the batch-norm statistics each process's own; one process stopping here stops all (FailureWatch)."""
-        # the optimizers hold every trained tensor: the model's, and the centers or this process's classifier
-        trained = (
-            p
-            for optimizer in self.task.optimizers
-            for group in optimizer.param_groups
-            for p in group["params"]
-        )
+        # the model's, and the loss's own: the centers, or this process's shard of the classifier
+        trained = self.task.trained_tensors()
         state = itertools.chain(self.task.model.parameters(), self.task.model.buffers(), trained)
         if not all(bool(torch.isfinite(tensor).all()) for tensor in state if tensor.is_floating_point()):
             raise TrainingDiverged(
