@@ -4,6 +4,11 @@ https://ydwen.github.io/papers/WenECCV16.pdf).
 L_C = mean_i ||x_i - c_{y_i}||^2, with one learnable center per class. The centers are an ordinary parameter,
 so they follow the module to any device and dtype; their optimizer lives in the training script, which divides
 their gradient by the loss weight before stepping so that ``center_loss_lr`` alone sets how fast they move.
+
+That step moves center j by ``lr * 2 / N * sum_{i: y_i = j} (c_j - x_i)`` over a batch of N (the gradient
+of the mean), as KaiyangZhou's widely used PyTorch center loss does; Wen et al.'s own rule is
+``alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)``, so the two differ per class by ``2 (1 + n_j) / N``:
+one lr here is not the paper's alpha.
 """
 
 from __future__ import annotations
