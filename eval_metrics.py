@@ -150,17 +150,31 @@ def evaluate_lfw(
 
 
 def stratified_fold_ids(labels, num_folds: int = 10) -> np.ndarray:
-    """Fold ids for pairs that come without folds (a pairs file without a header, LFW's one-fold View 1):
-    fold k holds the k-th of `num_folds` consecutive blocks of the same pairs and the k-th of the different
-    pairs, in file order, as LFW's ten folds do. Consecutive blocks of such a file, often sorted by kind,
-    would give test folds of one kind only. Fewer folds when a kind has fewer than `num_folds` pairs."""
+    """Fold ids for pairs that come without folds (a pairs file without a header, LFW's one-fold View 1).
+
+    Consecutive blocks of such a file, often sorted by kind, would test on one kind per fold. Here the pairs
+    are ordered as LFW's folds are laid out: the first tenth of the same pairs with the first tenth of the
+    different ones, then the second tenths, ... (file order within each); the folds are then `num_folds`
+    consecutive, equal blocks of that order (``np.array_split``). A `.bin` written in that order (insightface
+    evaluates a .bin in ten such blocks) is thus evaluated in exactly these folds. Each fold holds both kinds
+    whenever each kind has a few pairs per fold; with fewer, some folds may hold one kind.
+    """
     labels = np.asarray(labels).astype(bool)
-    num_folds = max(2, min(num_folds, int(labels.sum()), int((~labels).sum())))
-    fold_ids = np.empty(labels.size, dtype=np.int64)
+    num_folds = max(1, min(num_folds, labels.size))
+    tenth = np.empty(labels.size, dtype=np.int64)
     for kind in (True, False):
         members = np.flatnonzero(labels == kind)
-        fold_ids[members] = np.arange(members.size) * num_folds // members.size
+        tenth[members] = np.arange(members.size) * num_folds // max(1, members.size)
+    order = np.argsort(tenth, kind="stable")
+    fold_ids = np.empty(labels.size, dtype=np.int64)
+    for fold, block in enumerate(np.array_split(order, num_folds)):
+        fold_ids[block] = fold
     return fold_ids
+
+
+def stratified_order(labels, num_folds: int = 10) -> np.ndarray:
+    """The pairs' positions fold by fold (`stratified_fold_ids`), each fold in file order."""
+    return np.argsort(stratified_fold_ids(labels, num_folds), kind="stable")
 
 
 def lfw_fold_splits(num_pairs: int, num_folds: int, fold_ids=None) -> list[tuple[np.ndarray, np.ndarray]]:

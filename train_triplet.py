@@ -28,7 +28,7 @@ from datasets.triplet_dataset import TripletFaceDataset
 from errors import InputError
 from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
 from training.builders import build_embedding_model, build_optimizer
-from training.cli import base_parser, parse_args, positive_float, positive_int, run_script
+from training.cli import base_parser, parse_args, positive_float, positive_int, run_script, was_given
 from training.data import (
     DistinctRepeats,
     ImagesToDevice,
@@ -129,6 +129,11 @@ def resolve_batch_composition(args: argparse.Namespace) -> None:
             "--training_triplets_path needs pre-generated triplets: use --triplet_selection hard or semihard"
         )
     if args.triplet_selection in ONLINE_RULES:
+        if args.num_human_identities_per_batch is not None and not was_given(
+            args, "num_human_identities_per_batch"
+        ):
+            # kept from a pre-generated run that this resumed one switches to online mining: it no longer applies
+            args.num_human_identities_per_batch = None
         if args.num_human_identities_per_batch is not None:
             raise InputError(
                 "--num_human_identities_per_batch shapes pre-generated triplets (--triplet_selection hard or "

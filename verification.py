@@ -94,7 +94,7 @@ def evaluate_model_on_lfw(
 
     The folds are the dataset's own (``num_folds`` and ``fold_of_pair``), which stay the official ones when
     pairs with missing images were dropped; pairs without folds (a pairs file without a header, or with one
-    fold) get ten, each with a tenth of the same and a tenth of the different pairs
+    fold) get ten holding both kinds, the folds a .bin written from the same file is evaluated in
     (`eval_metrics.stratified_fold_ids`).
     """
     device = torch.device(device)

@@ -55,13 +55,12 @@ def read_pairs(pairs_path) -> PairsFile:
 
     num_folds, pairs_per_kind = 1, None
     if len(lines[0][1]) in (1, 2):  # header: "<num_folds> <pairs_per_kind>", or View 1's "<pairs_per_kind>"
-        number, fields = lines.pop(0)
-        if len(fields) == 1:
-            fields = ["1", *fields]
+        number, header = lines.pop(0)
+        fields = ["1", *header] if len(header) == 1 else header
         num_folds, pairs_per_kind = (_int_field(v, pairs_path, number) for v in fields)
         if num_folds < 1 or pairs_per_kind < 1:
             raise InputError(
-                f"{pairs_path}:{number}: the header must hold two positive integers, got {' '.join(fields)}"
+                f"{pairs_path}:{number}: the header must hold positive integers, got {' '.join(header)}"
             )
 
     first, second, issame = [], [], []

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from datasets.face_table import DECODE_ERRORS
 from datasets.lfw_dataset import find_lfw_image, read_pairs
 from errors import InputError, first_line
-from eval_metrics import stratified_fold_ids
+from eval_metrics import stratified_order
 from fileio import atomic_write
 
 NUM_FOLDS = 10  # insightface's KFold(n_splits=10, shuffle=False) over the pairs in file order
@@ -158,8 +158,8 @@ def write_verification_bin(lfw_dir, pairs_path, out_path) -> WriteSummary:
     """Write the pairs of an LFW-style pairs file as an insightface .bin (atomically), file bytes as they are.
 
     A .bin is read as ten consecutive blocks of pairs. Pairs keep the file's order when it has ten folds, so
-    they stay the official ones; a file without folds (no header, or LFW View 1's one) is written fold by fold
-    in `stratified_fold_ids`' ten folds, so that no block holds pairs of one kind only; other fold counts are
+    they stay the official ones; a file without folds (no header, or LFW View 1's one) is written in
+    `stratified_order`, whose ten blocks are the folds a folder of it is evaluated in; other fold counts are
     kept in order and the summary's note says they are not the .bin's. A missing image is an InputError.
     """
     lfw_dir, out_path = os.fspath(lfw_dir), os.fspath(out_path)
@@ -168,7 +168,7 @@ def write_verification_bin(lfw_dir, pairs_path, out_path) -> WriteSummary:
     parsed = read_pairs(pairs_path)
     order, note = np.arange(len(parsed.issame)), ""
     if parsed.num_folds < 2:
-        order = np.argsort(stratified_fold_ids(parsed.issame), kind="stable")
+        order = stratified_order(parsed.issame, NUM_FOLDS)
         note = f"{pairs_path} has no folds: its pairs are written as {NUM_FOLDS} folds of same and different pairs"
     elif parsed.num_folds != NUM_FOLDS:
         note = (

@@ -210,17 +210,27 @@ def test_summaries_leave_out_the_folds_where_a_rate_is_undefined():
     assert "Recall 1.0000+-0.0000" in format_metrics(metrics)
 
 
-def test_stratified_folds_give_every_fold_a_share_of_each_kind_in_file_order():
-    labels = np.r_[np.ones(23, bool), np.zeros(37, bool)]
+@pytest.mark.parametrize("num_same, num_different", [(300, 300), (23, 37), (101, 99), (40, 5)])
+def test_stratified_folds_are_equal_blocks_of_the_tenths_of_each_kind(num_same, num_different):
+    labels = np.r_[np.ones(num_same, bool), np.zeros(num_different, bool)]  # sorted by kind, as View 1 is
     fold_ids = eval_metrics.stratified_fold_ids(labels)
-    for kind, count in ((True, 23), (False, 37)):
-        ids = fold_ids[labels == kind]
-        assert np.all(np.diff(ids) >= 0)  # consecutive blocks in file order
-        sizes = np.bincount(ids, minlength=10)
-        assert sizes.sum() == count and sizes.max() - sizes.min() <= 1
-    # fewer pairs of a kind than folds: as many folds as that kind has pairs
-    few = eval_metrics.stratified_fold_ids(np.r_[np.ones(4, bool), np.zeros(50, bool)])
-    assert sorted(set(few.tolist())) == [0, 1, 2, 3]
+    # brute force: order the pairs by (tenth of their kind, position), then cut ten equal blocks
+    tenths = [i * 10 // num_same for i in range(num_same)] + [
+        i * 10 // num_different for i in range(num_different)
+    ]
+    order = sorted(range(labels.size), key=lambda i: (tenths[i], i))
+    expected = np.empty(labels.size, dtype=np.int64)
+    for fold, block in enumerate(np.array_split(np.array(order), 10)):
+        expected[block] = fold
+    np.testing.assert_array_equal(fold_ids, expected)
+    # fold by fold, file order within each: ten array_split blocks of it are the folds again
+    stratified = eval_metrics.stratified_order(labels)
+    np.testing.assert_array_equal(stratified, np.argsort(expected, kind="stable"))
+    for fold, block in enumerate(np.array_split(stratified, 10)):
+        assert (expected[block] == fold).all()
+    if min(num_same, num_different) >= 30:  # a few of each kind per fold: every fold holds both
+        for fold in range(10):
+            assert labels[fold_ids == fold].any() and not labels[fold_ids == fold].all()
 
 
 def test_metrics_survive_pickle_and_deepcopy():

@@ -153,6 +153,10 @@ def test_a_replaced_unreadable_image_is_in_train_log_too(tiny_demo_data, tmp_pat
     text = (tmp_path / "out" / "train.log").read_text()
     assert f"replaced unreadable {broken}" in text
     assert f"replaced unreadable {broken}" in "".join(capsys.readouterr())  # and on the console, once
+    # the run's handlers end with it: a later use of the datasets package does not write into this train.log
+    import logging
+
+    assert not logging.getLogger("datasets").handlers and not logging.getLogger("facenet").handlers
 
 
 @pytest.mark.parametrize("script", ["train_center", "train_margin"])

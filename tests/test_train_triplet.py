@@ -478,3 +478,28 @@ def test_help_shows_defaults_that_exist_and_says_random_weights_are_the_default(
     assert "(default: None)" not in text and "(default: True)" not in text
     assert "start from random weights (the default)" in text
     assert "(default: 0)" in text  # a zero default is still shown (--freeze_backbone_epochs, --seed)
+
+
+def test_a_pregenerated_run_resumed_with_online_mining_drops_the_pregenerated_batch_flag(
+    tiny_demo_data, tmp_path
+):
+    """--num_human_identities_per_batch is kept from the checkpoint on resume; switching that run to online
+    mining (allowed: the flag given wins) drops it rather than refusing a flag the user did not give."""
+    output_dir = tmp_path / "run"
+    assert (
+        run_main(
+            triplet_args(tiny_demo_data, output_dir, "--num_human_identities_per_batch", "2", "--epochs", "1")
+        )
+        == 0
+    )
+    checkpoint = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt"
+    places = ["--dataroot", tiny_demo_data.train_dir, "--lfw", tiny_demo_data.lfw_dir, "--lfw_pairs",
+              tiny_demo_data.pairs_path, "--num_workers", "0", "--lfw_batch_size", "32"]  # fmt: skip
+    assert (
+        run_main([*places, "--resume_path", checkpoint, "--epochs", "2", "--triplet_selection", "batch_all"])
+        == 0
+    )
+    saved = torch.load(output_dir / "checkpoints" / "model_resnet18_triplet_epoch_2.pt", weights_only=True)[
+        "args"
+    ]
+    assert saved["triplet_selection"] == "batch_all" and saved["num_human_identities_per_batch"] is None

@@ -241,6 +241,30 @@ def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lf
     assert "has no folds" in capsys.readouterr().out
     issame = read_verification_bin(out).issame
     assert [block.tolist() for block in np.array_split(issame, 10)] == [[True, True, False, False]] * 10
+    # the .bin's ten blocks are the folds the folder itself is evaluated in: the same metrics, also for
+    # counts that are not multiples of ten
+    uneven_root, uneven_pairs = make_lfw_tree(
+        num_folds=1, pairs_per_kind=13, header=False, root=tmp_path / "u"
+    )
+    lines = uneven_pairs.read_text().splitlines()
+    uneven_pairs.write_text("\n".join(lines[:13] + lines[13:] + lines[16:20]) + "\n")  # 13 same, 17 different
+    uneven_bin = tmp_path / "uneven.bin"
+    assert (
+        main(["--lfw", str(uneven_root), "--lfw_pairs", str(uneven_pairs), "--output", str(uneven_bin)]) == 0
+    )
+    capsys.readouterr()
+    from verification import evaluate_model_on_lfw
+
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
+    kwargs = {"device": torch.device("cpu"), "progress": False}
+    from_bin, _ = evaluate_model_on_lfw(
+        model, VerificationBinDataset(uneven_bin, eval_transform(32)), **kwargs
+    )
+    from_folder, _ = evaluate_model_on_lfw(
+        model, LFWDataset(uneven_root, uneven_pairs, eval_transform(32)), **kwargs
+    )
+    assert from_bin.positives_per_fold.tolist() == from_folder.positives_per_fold.tolist()
+    np.testing.assert_allclose(from_bin.accuracy, from_folder.accuracy)
     # with ten folds the file's own order is kept
     root, pairs_path = make_lfw_tree(num_folds=10, pairs_per_kind=1, root=tmp_path / "ten")
     assert (

@@ -47,6 +47,7 @@ from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
     Runtime,
     barrier,
+    close_run_logs,
     configure_logging,
     log,
     precision_note,
@@ -566,6 +567,8 @@ def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> in
                 log.exception(f"rank {runtime.rank}: failed")  # the traceback, for a bug
             watch.announce(first)
             return first.status
+        finally:
+            close_run_logs()  # the run's train.log and console handlers end with it (several runs per process)
 
 
 def failure_status(error: BaseException) -> int:
