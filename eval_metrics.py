@@ -72,12 +72,16 @@ def _rebuild_metrics(fields: tuple, extras: dict) -> LFWMetrics:
 
 
 class FoldRates(NamedTuple):
-    """Counts turned into rates on one fold at one threshold; empty denominators give 0, not NaN."""
+    """Counts turned into rates on one fold at one threshold; empty denominators give 0, not NaN (the
+    denominators come along, so that a summary can tell such a placeholder from a measured 0)."""
 
     accuracy: float
     precision: float
     recall: float  # also the true accept rate (TAR)
     false_accept_rate: float
+    positives: int  # recall's denominator
+    negatives: int  # the false accept rate's
+    predicted_same: int  # precision's
 
 
 def evaluate_lfw(
@@ -108,45 +112,47 @@ def evaluate_lfw(
     far_targets = _merge_far_targets(far_target, far_targets)
     reported = next(t for t in far_targets if math.isclose(t, float(far_target), rel_tol=1e-6))
 
-    accuracy, precision, recall, best_distances = (np.zeros(num_folds) for _ in range(4))
-    positives, negatives, predicted_same = (np.zeros(num_folds, dtype=np.int64) for _ in range(3))
+    per_fold = _per_fold_metrics(
+        distances, labels, lfw_fold_splits(distances.size, num_folds, fold_ids), far_targets
+    )
+    # roc_curve ranks by score, so negate: a smaller distance means "more likely the same person".
+    false_positive_rate, true_positive_rate, score_thresholds = roc_curve(labels, -distances)
+    return LFWMetrics(
+        true_positive_rate=true_positive_rate,
+        false_positive_rate=false_positive_rate,
+        roc_auc=float(roc_auc_score(labels, -distances)),
+        tar=per_fold["tar_at_far"][reported],
+        far=per_fold["far_at_far"][reported],
+        thresholds=-score_thresholds,
+        far_targets=far_targets,
+        **per_fold,
+    )
+
+
+def _per_fold_metrics(distances, labels, splits, far_targets) -> dict:
+    """For each (train, test) split: the best-accuracy threshold chosen on the training pairs, the rates it
+    gives on the test pairs with their denominators, and TAR and FAR at each target's threshold; keyed by the
+    names of LFWMetrics' fields."""
+    num_folds = len(splits)
+    per_fold = {name: np.zeros(num_folds) for name in ("accuracy", "precision", "recall", "best_distances")}
+    for name in ("positives", "negatives", "predicted_same"):
+        per_fold[f"{name}_per_fold"] = np.zeros(num_folds, dtype=np.int64)
     tar_at_far = {target: np.zeros(num_folds) for target in far_targets}
     far_at_far = {target: np.zeros(num_folds) for target in far_targets}
-    for fold, (train, test) in enumerate(lfw_fold_splits(distances.size, num_folds, fold_ids)):
+    for fold, (train, test) in enumerate(splits):
         threshold = best_accuracy_threshold(distances[train], labels[train])
         rates = rates_at_threshold(distances[test], labels[test], threshold)
-        best_distances[fold] = threshold
-        accuracy[fold], precision[fold], recall[fold] = rates.accuracy, rates.precision, rates.recall
-        positives[fold] = np.sum(labels[test])
-        negatives[fold] = test.size - positives[fold]
-        predicted_same[fold] = np.sum(distances[test] < threshold)
+        per_fold["best_distances"][fold] = threshold
+        for name in ("accuracy", "precision", "recall"):
+            per_fold[name][fold] = getattr(rates, name)
+        for name in ("positives", "negatives", "predicted_same"):
+            per_fold[f"{name}_per_fold"][fold] = getattr(rates, name)
         for target in far_targets:
             far_threshold = threshold_at_far(distances[train], labels[train], target)
             far_rates = rates_at_threshold(distances[test], labels[test], far_threshold)
             tar_at_far[target][fold] = far_rates.recall
             far_at_far[target][fold] = far_rates.false_accept_rate
-
-    # roc_curve ranks by score, so negate: a smaller distance means "more likely the same person".
-    false_positive_rate, true_positive_rate, score_thresholds = roc_curve(labels, -distances)
-    roc_auc = float(roc_auc_score(labels, -distances))
-    return LFWMetrics(
-        true_positive_rate=true_positive_rate,
-        false_positive_rate=false_positive_rate,
-        precision=precision,
-        recall=recall,
-        accuracy=accuracy,
-        roc_auc=roc_auc,
-        best_distances=best_distances,
-        tar=tar_at_far[reported],
-        far=far_at_far[reported],
-        thresholds=-score_thresholds,
-        far_targets=far_targets,
-        tar_at_far=tar_at_far,
-        far_at_far=far_at_far,
-        positives_per_fold=positives,
-        negatives_per_fold=negatives,
-        predicted_same_per_fold=predicted_same,
-    )
+    return {**per_fold, "tar_at_far": tar_at_far, "far_at_far": far_at_far}
 
 
 def stratified_fold_ids(labels, num_folds: int = 10) -> np.ndarray:
@@ -255,6 +261,9 @@ def rates_at_threshold(distances: np.ndarray, labels: np.ndarray, threshold: flo
         precision=_ratio(true_positives, true_positives + false_positives),
         recall=_ratio(true_positives, num_positives),
         false_accept_rate=_ratio(false_positives, num_negatives),
+        positives=num_positives,
+        negatives=num_negatives,
+        predicted_same=true_positives + false_positives,
     )
 
 
