@@ -22,11 +22,11 @@ from models import build_model
 from tests.training_data import common_args
 from training.builders import build_optimizer, load_optimizer_state
 from training.checkpoint import latest_checkpoint
+from training.coordination import StopRequested
 from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
 from training.engine import (
     MAX_CONSECUTIVE_NONFINITE,
     StepOutput,
-    StopRequested,
     Trainer,
     TrainingDiverged,
     TrainingTask,

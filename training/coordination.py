@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -27,6 +28,42 @@ import torch.distributed as dist
 
 from errors import one_line, user_error
 from training.runtime import Runtime, all_reduce_sum
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            # a second Ctrl-C means now; a second SIGTERM does not: on a cluster one preemption can arrive
+            # twice (the scheduler signals every process of the job, and torchrun forwards its own copy)
+            if name == "SIGINT":
+                raise KeyboardInterrupt
+            return
+        self.signal_name = name
+        hint = " (Ctrl-C again stops at once, without one)" if name == "SIGINT" else ""
+        print(f"{name}: stopping after this step with a checkpoint{hint}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def exit_status(self) -> int:
+        """130 after SIGINT; 143 after SIGTERM, or when another process was the one asked to stop."""
+        return 130 if self.signal_name == "SIGINT" else 143
+
 
 FAILURE_POLL_SECONDS = 0.5
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -41,7 +40,7 @@ from training.checkpoint import (
     resumed_changes,
 )
 from training.cli import check_common_args, prepare_demo_data, was_given
-from training.coordination import FailureWatch, agree_on_step, agree_to_stop
+from training.coordination import FailureWatch, StopRequested, agree_on_step, agree_to_stop
 from training.finetune import load_initial_weights, set_backbone_frozen, settle_run_settings
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
@@ -123,41 +122,6 @@ class TrainingTask:
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite; the message says what to try."""
-
-
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, checkpoints and exits."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.signal_name is not None:
-            # a second Ctrl-C means now; a second SIGTERM does not: on a cluster one preemption can arrive
-            # twice (the scheduler signals every process of the job, and torchrun forwards its own copy)
-            if name == "SIGINT":
-                raise KeyboardInterrupt
-            return
-        self.signal_name = name
-        hint = " (Ctrl-C again stops at once, without one)" if name == "SIGINT" else ""
-        print(f"{name}: stopping after this step with a checkpoint{hint}", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    @property
-    def exit_status(self) -> int:
-        """130 after SIGINT; 143 after SIGTERM, or when another process was the one asked to stop."""
-        return 130 if self.signal_name == "SIGINT" else 143
 
 
 def backward_and_step(
@@ -404,7 +368,7 @@ class Trainer:
             totals.count += verdict.count
             self.steps_completed += 1
             return
-        self.steps_completed += 1
+        self.steps_completed += 1  # a skipped step was taken all the same: the data and the model ran
         totals.skipped_steps += 1
         self.consecutive_nonfinite += 1
         for optimizer in self.task.optimizers:
