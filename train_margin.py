@@ -199,9 +199,8 @@ class MarginTask(TrainingTask):
         return self.optimizers[1] if len(self.optimizers) > 1 else None
 
     def trained_tensors(self) -> list[torch.Tensor]:
-        trained = (
-            super().trained_tensors()
-        )  # the centers' optimizer holds them, unless they are moving averages
+        # the centers' optimizer holds them, unless they are moving averages
+        trained = super().trained_tensors()
         return trained if self.centers_optimizer() is not None else [*trained, self.classifier.weight]
 
     def steps_per_epoch(self) -> int:

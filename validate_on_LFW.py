@@ -150,13 +150,12 @@ def check_args(args) -> list[tuple[str, Path]]:
     """Every cheap check, before any work; the targets as (name, path): ``lfw`` first when given."""
     targets = []
     if args.lfw is not None:
-        if args.lfw.is_file():  # a .bin, whatever its name says
-            pass
-        elif not args.lfw.is_dir():
+        # a file is a .bin, whatever its name says; a folder needs its pairs, found as training finds them
+        if args.lfw.is_dir():
+            args.lfw_pairs = Path(resolve_lfw_pairs(args.lfw, args.lfw_pairs))
+        elif not args.lfw.is_file():
             kind = "file" if args.lfw.suffix.lower() == ".bin" else "folder"
             raise InputError(f"--lfw: {kind} not found: {args.lfw}")
-        else:  # the pairs file given, or the one in the folder, as the training scripts find it
-            args.lfw_pairs = Path(resolve_lfw_pairs(args.lfw, args.lfw_pairs))
         targets.append(("lfw", args.lfw))
     for path in args.val_targets:
         if not path.is_file():

@@ -83,14 +83,12 @@ def pretrained_weights_name(text: str):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``(default: X)`` after a flag's help, except where there is nothing to show (None, a required flag, a
-    switch that only sets False) or the help already says what the default is."""
+    """``(default: X)`` after a flag's help, except where there is nothing to show (None or False, a required
+    flag) or the help already says what the default is."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default is None or action.default is False or action.required or "default" in text:
-            return text
-        if isinstance(action, argparse._StoreFalseAction):  # --no-X: the default is the other switch's
             return text
         return super()._get_help_string(action)
 
