@@ -377,6 +377,8 @@ class FaceImageLoader:
         self.num_loads += 1
         try:
             return self.decode(path)
+        except InputError:
+            raise  # the data set itself is broken (a truncated .rec): stop, replacing one image won't help
         except DECODE_ERRORS as error:
             self.num_bad += 1
             self.bad_rows.add(row)

@@ -89,6 +89,18 @@ def generate_csv(
     )
 
 
+def _require_utf8(path: str) -> None:
+    """The CSV is UTF-8: a name the file system holds in another encoding (surrogate-escaped by Python) cannot
+    be written to it, nor found again by the datasets."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{path.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')}: the name is not valid UTF-8; "
+            "rename it (e.g. with convmv) so the CSV can hold it"
+        ) from None
+
+
 def _list_identity_folders(dataroot: str) -> tuple[list[str], int]:
     """Sorted identity folder names, and the number of other entries at the top level."""
     if not os.path.isdir(dataroot):
@@ -97,6 +109,7 @@ def _list_identity_folders(dataroot: str) -> tuple[list[str], int]:
     with os.scandir(dataroot) as entries:
         for entry in entries:
             if entry.is_dir() and not entry.name.startswith("."):
+                _require_utf8(entry.path)
                 names.append(entry.name)
             else:
                 num_skipped += 1
@@ -120,6 +133,7 @@ def _scan_folder(dataroot: str, name: str, verify: bool) -> _Folder:
         elif verify and not _decodes(entry.path):
             bad.append(entry.path)
         else:
+            _require_utf8(entry.path)
             images.append((stem, ext))
     return _Folder(name, images, num_skipped, bad)
 

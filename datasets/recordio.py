@@ -269,7 +269,7 @@ def _read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray, str]:
         raise InputError(f"{idx_path}: the RecordIO index is empty")
     try:
         table = pd.read_csv(io.BytesIO(data), sep="\t", header=None, dtype=np.int64, engine="c").to_numpy()
-    except (ValueError, pd.errors.ParserError) as error:
+    except (ValueError, OverflowError, pd.errors.ParserError) as error:  # Overflow: a number past int64
         raise InputError(
             f"{idx_path}: not a RecordIO index of 'key<TAB>offset' lines ({first_line(error)})"
         ) from None
@@ -307,6 +307,12 @@ def image_keys(reader: RecordIOReader) -> np.ndarray:
             f"run the same pack_recordio.py command again to complete it)"
         )
     end = int(end)
+    last_key = int(reader.keys[-1])
+    if end > 2 * last_key + 2:  # float32 rounding moves it by a few keys at most: a corrupt or foreign header
+        raise InputError(
+            f"{reader.rec_path}: the header record 0 ends the image keys at {end}, far past the index's last "
+            f"key {last_key}"
+        )
     if end > MAX_EXACT_FLOAT32_INT:  # insightface's float32 header can be a few keys off (exact_image_end)
         end = exact_image_end(reader, end)
     keys = np.arange(1, end, dtype=np.int64)

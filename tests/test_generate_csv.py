@@ -134,6 +134,23 @@ def test_unusable_dataroots_are_input_errors(tmp_path, case):
     assert not (tmp_path / "out.csv").exists()
 
 
+@pytest.mark.parametrize("where", ["identity", "image"])
+def test_a_name_that_is_not_utf8_is_an_input_error(tiny_face_tree, tmp_path, where):
+    latin1 = b"caf\xe9"  # "cafe" with an e-acute in Latin-1: not UTF-8
+    if where == "identity":
+        os.mkdir(os.fsencode(tiny_face_tree) + b"/" + latin1)
+        write_random_image(Path(os.fsdecode(os.fsencode(tiny_face_tree) + b"/" + latin1)) / "a.jpg")
+    else:
+        write_random_image(tiny_face_tree / "id_000" / "tmp.jpg").rename(
+            os.fsdecode(os.fsencode(tiny_face_tree / "id_000") + b"/" + latin1 + b".jpg")
+        )
+    csv_path = tmp_path / "out.csv"
+    with pytest.raises(InputError, match="caf.*: the name is not valid UTF-8") as error:
+        generate_csv(tiny_face_tree, csv_path)
+    assert "\n" not in str(error.value)
+    assert not csv_path.exists()
+
+
 def test_num_workers_must_be_positive(tiny_face_tree, tmp_path):
     with pytest.raises(InputError, match="num_workers"):
         generate_csv(tiny_face_tree, tmp_path / "x.csv", num_workers=0)

@@ -214,6 +214,20 @@ def test_an_identity_without_readable_images_stops_with_an_input_error(tiny_face
         loader(6)
 
 
+def test_a_rec_cut_short_during_training_stops_rather_than_replacing_images(make_face_tree, tmp_path):
+    """The reader's own InputError (a truncated record) is not an unreadable image to replace: the file is."""
+    from datasets.recordio_writer import write_recordio
+
+    rec_path = tmp_path / "train.rec"
+    write_recordio(make_face_tree(counts=(3, 3)), rec_path)
+    dataset = LabelledFaceDataset(rec_path)
+    os.truncate(rec_path, rec_path.stat().st_size - 100)  # the last image record loses its end
+    last_image = len(dataset) - 1
+    with pytest.raises(InputError, match=r"train\.rec: record \d+ .*truncated"):
+        dataset[last_image]
+    assert dataset.loader.num_bad == 0 and not dataset.loader.bad_rows
+
+
 @pytest.mark.parametrize(
     "source, hint",
     [

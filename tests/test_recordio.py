@@ -285,6 +285,17 @@ def test_missing_or_malformed_index_is_an_input_error(tmp_path):
     rec_path.with_suffix(".idx").write_text("0 0\n")
     with pytest.raises(InputError, match="a.idx"):
         RecordIOReader(rec_path)
+    rec_path.with_suffix(".idx").write_text("0\t99999999999999999999\n")  # past int64
+    with pytest.raises(InputError, match="a.idx: not a RecordIO index"):
+        RecordIOReader(rec_path)
+
+
+def test_a_header_end_far_past_the_index_is_an_input_error(tmp_path):
+    images = {key: pack_record(0, image_file_bytes(key, tmp_dir=tmp_path)) for key in (1, 2)}
+    header = {0: pack_record(0, b"", label_vector=[1e30, 1e30])}  # corrupt: no int64, no arange of it
+    rec_path = write_rec(tmp_path / "big.rec", {**header, **images})
+    with pytest.raises(InputError, match="big.rec: the header record 0 ends the image keys at .* last key 2"):
+        RecordIOFaceDataset(rec_path)
 
 
 def test_labels_of_100k_records_come_from_one_vectorised_pass(tmp_path, monkeypatch):
