@@ -5,11 +5,14 @@ The format and the reader are in `datasets/recordio.py`; `datasets/pack_recordio
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 import tempfile
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from datasets.face_table import FaceTable, read_face_csv
@@ -31,6 +34,7 @@ from errors import InputError
 
 # the header record insightface writes at key 0: a 24-byte header and a two-value label vector
 HEADER_RECORD_SIZE = RECORD_HEAD.size + IMAGE_HEADER.size + 8
+_HEAD_CHUNK = 1 << 16  # record heads gathered at once when a resume checks what an earlier run wrote
 
 
 class PackSummary(NamedTuple):
@@ -185,6 +189,76 @@ def _record_end(rec, offset: int, rec_size: int) -> int | None:
         first = False
 
 
+def _listed_offsets(idx_data: bytes, idx_path: str, rec_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, line ends) of the whole lines of an index this tool wrote: 'n<TAB>offset' for n = 0, 1, ...
+
+    Parsed by pandas' C reader: an index of millions of lines is not held as Python objects."""
+    whole = idx_data[: idx_data.rfind(b"\n") + 1]  # whatever follows the last newline is a torn line
+    line_ends = np.flatnonzero(np.frombuffer(whole, dtype=np.uint8) == ord("\n")) + 1
+    if len(line_ends) == 0:
+        return np.zeros(0, dtype=np.int64), line_ends
+    try:
+        table = pd.read_csv(
+            io.BytesIO(whole), sep="\t", header=None, dtype=np.int64, engine="c", skip_blank_lines=False
+        ).to_numpy()
+    except (ValueError, OverflowError, pd.errors.ParserError):
+        table = None
+    if (
+        table is not None
+        and table.shape == (len(line_ends), 2)
+        and np.array_equal(table[:, 0], np.arange(len(line_ends)))
+        and (table[:, 1] >= 0).all()
+    ):
+        return table[:, 1], line_ends
+    number = 0  # the first line that is not 'number<TAB>offset', to name it
+    for number, line in enumerate(whole.split(b"\n")[:-1]):
+        fields = line.split(b"\t")
+        if (
+            len(fields) != 2
+            or not all(f.isdigit() and len(f) < 19 for f in fields)
+            or int(fields[0]) != number
+        ):
+            break
+    raise InputError(
+        f"{idx_path}:{number + 1}: not written by an interrupted pack of this tool (expected "
+        f"'{number}<TAB>offset'); delete {rec_path} and {idx_path} to pack again"
+    )
+
+
+def _whole_records(rec, offsets: np.ndarray, rec_size: int) -> int:
+    """How many of the records listed at ``offsets`` are whole and follow each other from byte 0.
+
+    One numpy gather of the 8-byte record heads per chunk (a page read per record, not the whole file); a
+    record in parts (its payload held the magic number) is walked by ``_record_end``."""
+    if len(offsets) == 0 or offsets[0] != 0 or rec_size < RECORD_HEAD.size:
+        return 0
+    # where each record must end: the next one's offset; the last may end anywhere up to the file's end
+    ends = np.append(offsets[1:], -1)
+    window = np.arange(RECORD_HEAD.size, dtype=np.int64)
+    with mmap.mmap(rec.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        buffer = np.frombuffer(mapped, dtype=np.uint8)
+        try:
+            for start in range(0, len(offsets), _HEAD_CHUNK):
+                chunk, chunk_ends = offsets[start : start + _HEAD_CHUNK], ends[start : start + _HEAD_CHUNK]
+                fits = chunk + RECORD_HEAD.size <= rec_size
+                words = np.zeros((len(chunk), 2), dtype="<u4")
+                words[fits] = buffer[chunk[fits, None] + window].view("<u4")
+                magic, lrecord = words[:, 0], words[:, 1]
+                length = (lrecord & MAX_PAYLOAD).astype(np.int64)
+                record_end = chunk + RECORD_HEAD.size + ((length + 3) & ~3)  # padded_length, vectorised
+                whole = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 0) & (record_end <= rec_size)
+                whole &= (record_end == chunk_ends) | (chunk_ends < 0)
+                in_parts = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 1)
+                for row in np.flatnonzero(in_parts):
+                    end = _record_end(rec, int(chunk[row]), rec_size)
+                    whole[row] = end is not None and (end == chunk_ends[row] or chunk_ends[row] < 0)
+                if not whole.all():
+                    return start + int(np.argmin(whole))
+        finally:
+            del buffer  # the memory map cannot close while a numpy view of it exists
+    return len(offsets)
+
+
 def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, int]:
     """(next key to write, byte where it goes) after what an earlier run left; (0, 0) to start afresh.
 
@@ -204,34 +278,22 @@ def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, i
 
     if not os.path.exists(rec_path):
         raise InputError(f"{idx_path} lists records but {rec_path} does not exist; delete it to pack again")
-    lines = idx_data.split(b"\n")[:-1]  # whatever follows the last newline is a torn line
-    line_ends = np.cumsum([len(line) + 1 for line in lines])
-    offsets = []
-    for number, line in enumerate(lines):
-        fields = line.split(b"\t")
-        if len(fields) != 2 or not all(field.isdigit() for field in fields) or int(fields[0]) != number:
-            raise InputError(
-                f"{idx_path}:{number + 1}: not written by an interrupted pack of this tool (expected "
-                f"'{number}<TAB>offset'); delete {rec_path} and {idx_path} to pack again"
-            )
-        offsets.append(int(fields[1]))
-
-    valid, end_offset = 0, 0
+    offsets, line_ends = _listed_offsets(idx_data, idx_path, rec_path)
     with open(rec_path, "rb") as rec:
-        expected_offset = 0
-        for number, offset in enumerate(offsets):
-            record_end = _record_end(rec, offset, rec_size) if offset == expected_offset else None
-            if record_end is None:
-                break
-            if number == 0:  # our header record: whole, its payload right after the record head
-                rec.seek(offset + RECORD_HEAD.size)
-                header, _ = unpack_header(rec.read(record_end - offset - RECORD_HEAD.size))
-                if header.flag != 2 or header.id != listing_id:
-                    raise InputError(
-                        f"{rec_path} already holds another dataset (written from another folder or by another "
-                        f"tool); delete it and {idx_path}, or choose another output"
-                    )
-            valid, end_offset, expected_offset = number + 1, record_end, record_end
+        valid = _whole_records(rec, offsets, rec_size)
+        if valid > 0:  # our header record: its payload right after the record head
+            header_end = int(offsets[1]) if valid > 1 else _record_end(rec, 0, rec_size)
+            rec.seek(RECORD_HEAD.size)
+            header, _ = unpack_header(rec.read(header_end - RECORD_HEAD.size))
+            if header.flag != 2 or header.id != listing_id:
+                raise InputError(
+                    f"{rec_path} already holds another dataset (written from another folder or by another "
+                    f"tool); delete it and {idx_path}, or choose another output"
+                )
+            last_end = (
+                offsets[valid] if valid < len(offsets) else _record_end(rec, int(offsets[-1]), rec_size)
+            )
+            end_offset = int(last_end)
     if valid == 0:
         with open(idx_path, "wb"):
             pass

@@ -208,16 +208,32 @@ def test_resumed_pack_is_byte_identical(make_face_tree, tmp_path, monkeypatch, n
     assert idx_path.read_bytes() == Path(whole.idx_path).read_bytes()
 
 
-def test_resume_drops_a_listed_record_cut_short(packed_tree, make_face_tree, tmp_path):
+def test_resume_drops_a_listed_record_cut_short(packed_tree, make_face_tree, tmp_path, monkeypatch):
     root, rec_path = packed_tree
     whole_rec, whole_idx = rec_path.read_bytes(), rec_path.with_suffix(".idx").read_bytes()
     reader = RecordIOReader(rec_path)
     os.truncate(rec_path, int(reader.offsets[5]) + 20)  # record 5 listed, but only 20 of its bytes written
+    record_end, walked = recordio_writer._record_end, []
+    monkeypatch.setattr(recordio_writer, "_record_end", lambda *a: walked.append(a[1]) or record_end(*a))
     summary = write_recordio(root, rec_path)
     assert summary.num_resumed == 5
+    assert walked == []  # single-part records are checked by one gather of their heads, not walked one by one
     assert rec_path.read_bytes() == whole_rec and rec_path.with_suffix(".idx").read_bytes() == whole_idx
     # a complete output is left as it is
     assert write_recordio(root, rec_path).num_resumed == 14 and rec_path.read_bytes() == whole_rec
+
+
+@pytest.mark.parametrize(
+    "line, bad_line", [(b"5\tx\n", 6), (b"7\t100\n", 6), (b"\n", 6), (b"5\t99999999999999999999\n", 6)]
+)
+def test_an_index_this_tool_did_not_write_is_refused_naming_its_first_bad_line(packed_tree, line, bad_line):
+    root, rec_path = packed_tree
+    idx_path = rec_path.with_suffix(".idx")
+    idx_path.write_bytes(b"".join(idx_path.read_bytes().splitlines(keepends=True)[:5]) + line)
+    before = idx_path.read_bytes()
+    with pytest.raises(InputError, match=rf"train\.idx:{bad_line}: not written by an interrupted pack"):
+        write_recordio(root, rec_path)
+    assert idx_path.read_bytes() == before
 
 
 def test_output_of_another_folder_is_refused(packed_tree, make_face_tree, tmp_path):
