@@ -1,7 +1,7 @@
 """Which training method learns fastest? A small-scale learning benchmark on real LFW faces, on the CPU.
 
-    python benchmarks/bench_learning.py                                   # the five methods, seed 0, then the
-                                                                          # best two again with seed 1
+    python benchmarks/bench_learning.py          # hard, batch_hard and each script from its defaults, seed 0,
+                                                 # then the best two again with seed 1
     python benchmarks/bench_learning.py --budget_seconds 90 --methods center center:lr=3e-3 \
         batch_hard:margin=0.5 --seeds 0 --name tuning --no-plot         # a tuning pass
 
@@ -22,10 +22,11 @@ Methods, all ResNet-18 from scratch with the same augmentation (datasets.transfo
   combined    s * (cos(m1 theta + m2) - m3) (train_margin.py --loss combined)
 A method name may carry overrides of any flag of its training script: `batch_hard:margin=0.5,lr=3e-3`.
 The triplet and center methods use Adam at --lr with a constant lr. The margin methods start from
-MARGIN_BASE (below), train_margin.py's own defaults (SGD lr 0.1, s = 64, poly decay, one epoch of warmup),
-which learn little in this budget; benchmarks/results/margin_tuning.md has what did better, e.g.
-`cosface:optimizer=adam,lr=1e-3,classifier_lr_scale=100,weight_decay=1e-5,margin_scale=32`. --lr and
---margin of this script (the triplet margin) do not apply to them: override them per method.
+MARGIN_BASE (below), train_margin.py's own defaults (Adam 1e-3 with the centers at SGD 100x that, s = 64,
+poly decay, one epoch of warmup); README.md has what did better here, e.g.
+`cosface:optimizer=adam,lr=1e-3,weight_decay=1e-5,margin_scale=32,warmup_epochs=0.2,batch_size=64,
+center_momentum=0.5`. --lr and --margin of this script (the triplet margin) do not apply to them: override
+them per method.
 
 The real code is driven, not re-implemented: each run parses its flags with the script's own
 `get_args_parser()`, builds `TripletTask` / `CenterTask` / `MarginTask` on `training.runtime.Runtime(cpu)`,
@@ -93,7 +94,7 @@ SPLITS = {"1-5": range(0, 5), "6-10": range(5, 10)}  # --train_folds -> the trai
 FAR_KEY = "tar_at_far_0.01"
 # the settings every method shares; the per-method ones are in method_settings()
 COMMON_DEFAULTS = {"model": "resnet18", "optimizer": "adam", "lr": 1e-3}
-# the margin methods' base: train_margin.py's own defaults (SGD, poly decay, one epoch of warmup) and scale, taken
+# the margin methods' base: train_margin.py's own defaults (optimizer, lr, schedule, warmup, batch) and scale, taken
 # from the script so the two cannot drift; they are part of each run's settings, so the table shows them and a
 # change of the script's defaults is a new cache key, not a reuse of old runs
 MARGIN_BASE = {"model": "resnet18", **MARGIN_DEFAULTS, "margin_scale": MARGIN_SCALE_DEFAULT}
