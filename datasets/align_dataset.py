@@ -24,7 +24,8 @@ Large photos are shrunk to `--max_side` for detection only; boxes and landmarks 
 is taken from the full-resolution photo. Photos where no face passes `--min_face_prob`, and files that cannot
 be decoded, are listed in `alignment_report.json` in the output folder with per-identity counts. A second run
 skips photos whose output exists and photos the report already lists (use `--retry_failed` to try those
-again).
+again; a run with other detection settings, `--min_face_prob`, `--min_face_size` or `--max_side`, tries
+them again by itself). An output folder holds the crops of one input folder and one set of crop settings.
 """
 
 import argparse
@@ -42,6 +43,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from datasets.face_alignment import TEMPLATES, align_face
+from datasets.image_files import to_rgb
 from datasets.mtcnn import FaceDetector, detection_view, select_face, to_photo_coordinates
 from devices import available_cpus, resolve_device
 from errors import InputError, report_input_errors
@@ -52,6 +54,8 @@ OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
 REPORT_NAME = "alignment_report.json"
 # settings that decide what an output file looks like; a resumed run must use the same ones
 OUTPUT_SETTINGS = ("template", "image_size", "margin", "format")
+# settings that decide whether a face is found; a resumed run that changes them tries the failures again
+DETECTION_SETTINGS = ("min_face_prob", "min_face_size", "max_side")
 
 
 # --------------------------------------------------------------------------------------------- photos
@@ -76,8 +80,7 @@ class AlignConfig:
 def load_photo(path):
     """The photo at `path` as an upright RGB PIL image (EXIF orientation applied)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def output_path(relative_path, config):
@@ -130,15 +133,23 @@ class Aligner:
 
 
 _worker_aligner = None
+_worker_error: Exception | None = None
 
 
 def _init_worker(config, num_threads):
-    global _worker_aligner
+    global _worker_aligner, _worker_error
     torch.set_num_threads(num_threads)
-    _worker_aligner = Aligner(config)
+    try:
+        _worker_aligner = Aligner(config)
+    except (
+        Exception
+    ) as error:  # raised here, the pool would start a new worker forever: the first batch raises it
+        _worker_error = error
 
 
 def _align_in_worker(relative_paths):
+    if _worker_error is not None:
+        raise _worker_error
     return _worker_aligner.align_batch(relative_paths)
 
 
@@ -182,10 +193,23 @@ def read_previous_report(config):
     if not path.exists():
         return None
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
         previous_settings = report["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise InputError(f"{path} is not an alignment report ({error}); delete it to start over") from error
+        if not (
+            isinstance(previous_settings, dict)
+            and isinstance(report.get("input_dir"), str)
+            and isinstance(report.get("no_face", []), list)
+            and all(isinstance(item, str) for item in report.get("no_face", []))
+            and isinstance(report.get("unreadable", {}), dict)
+        ):
+            raise TypeError("unexpected structure")
+    except (ValueError, KeyError, TypeError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"{path} is not an alignment report ({error}); delete it to start over") from None
+    if Path(report["input_dir"]).resolve() != Path(config.input_dir).resolve():
+        raise InputError(
+            f"{config.output_dir} holds crops of {report['input_dir']}, not of {config.input_dir}; "
+            "use another --output_dir"
+        )
     for name in OUTPUT_SETTINGS:
         if previous_settings.get(name) != getattr(config, name):
             raise InputError(
@@ -193,6 +217,11 @@ def read_previous_report(config):
                 f"{getattr(config, name)!r}; use another --output_dir"
             )
     return report
+
+
+def detection_changed(previous_report, config) -> bool:
+    """Whether this run detects faces with other settings than the run that wrote `previous_report`."""
+    return any(previous_report["settings"].get(name) != getattr(config, name) for name in DETECTION_SETTINGS)
 
 
 def plan_work(relative_paths, config, previous_report, retry_failed):
@@ -274,7 +303,7 @@ def build_report(config, relative_paths, outcomes, processed):
     totals["processed_this_run"] = processed
     totals["not_processed"] = totals["photos"] - len(outcomes)
     return {
-        "input_dir": str(config.input_dir),
+        "input_dir": str(Path(config.input_dir).resolve()),  # a resumed run must align the same folder
         "output_dir": str(config.output_dir),
         "settings": {
             name: value
@@ -311,6 +340,8 @@ def align_dataset(config, num_workers=1, batch_size=16, retry_failed=False, prog
             f"--input_dir {config.input_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     previous_report = read_previous_report(config)
+    if previous_report is not None and detection_changed(previous_report, config):
+        retry_failed = True  # its failures were decided with other detection settings
     todo, outcomes = plan_work(relative_paths, config, previous_report, retry_failed)
     processed = 0
     try:

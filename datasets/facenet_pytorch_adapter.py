@@ -9,16 +9,26 @@ changes them fails there, loudly, rather than as wrong crops.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from facenet_pytorch import MTCNN
 from facenet_pytorch.models.utils import detect_face as _detect_face
+
+from errors import InputError
 
 PINNED_VERSION = "2.5.3"
 
 
 def mtcnn_networks(device) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     """(PNet, RNet, ONet) in eval mode on ``device``, with the weights shipped inside the wheel."""
-    mtcnn = MTCNN(device=torch.device(device))
+    try:
+        mtcnn = MTCNN(device=torch.device(device))
+    except FileNotFoundError as error:  # the weights live in the installed package, never downloaded
+        raise InputError(
+            f"facenet-pytorch's MTCNN weights are missing ({os.path.normpath(error.filename)}); reinstall it: "
+            f"pip install --force-reinstall facenet-pytorch=={PINNED_VERSION}"
+        ) from None
     return mtcnn.pnet.eval(), mtcnn.rnet.eval(), mtcnn.onet.eval()
 
 

@@ -9,6 +9,7 @@ import os
 import struct
 import zlib
 
+import numpy as np
 from PIL import Image
 
 # lower-case suffixes counted as images, in order of preference when one stem has several
@@ -35,7 +36,23 @@ def load_image(path) -> Image.Image:
     ValueError) rather than later inside a transform, and the file handle is closed before returning.
     """
     with Image.open(path) as image:
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")``, except that 16-bit and 32-bit grey images are first scaled to 8 bits.
+
+    Pillow's convert clips them at 255, so a 16-bit grey PNG (mode I;16 or I) would become all white."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or 255 < top <= 65535:
+        values = values / 257.0  # 16-bit range onto 8 bits
+    elif top > 65535 or float(values.min(initial=0.0)) < 0:  # no known range: stretch what is there
+        values = (values - values.min()) * (255.0 / max(np.ptp(values), 1e-12))
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 RECORDIO_SUFFIX = ".rec"

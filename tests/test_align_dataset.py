@@ -1,6 +1,7 @@
 """Face alignment: geometry against references, MTCNN on real photographs, the folder tool end to end."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from datasets.face_alignment import (
     umeyama_similarity,
     warp_to_template,
 )
+from datasets.image_files import load_image, to_rgb
 from datasets.mtcnn import Face, FaceDetector, detection_view, select_face, to_photo_coordinates
+from errors import InputError
 
 LFW_DIR = Path("../shared/data/lfw_112")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -320,6 +323,72 @@ def test_tool_mirrors_the_tree_reports_failures_and_resumes(photo_tree, tmp_path
     capsys.readouterr()
     assert align_dataset.main(argv + ["--template", "arcface112"]) == 2  # the folder holds other crops
     assert capsys.readouterr().err.startswith("error: ")
+
+    # other detection settings decide failures anew: the two failures are tried again without --retry_failed
+    assert align_dataset.main(argv + ["--max_side", "1000"]) == 0
+    retried = json.loads((out / REPORT_NAME).read_text())
+    assert retried["totals"]["processed_this_run"] == 2 and retried["settings"]["max_side"] == 1000
+
+    # an output folder holds the crops of one input folder
+    other = tmp_path / "other_raw"
+    photo_tree.rename(other)
+    other_argv = ["--input_dir", str(other), "--output_dir", str(out), "--num_workers", "0", "--no-progress"]
+    before = (out / REPORT_NAME).read_bytes()
+    assert align_dataset.main(other_argv + ["--max_side", "1000"]) == 2
+    assert f"holds crops of {photo_tree}, not of {other}" in capsys.readouterr().err
+    assert (out / REPORT_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe not json",
+        b'{"settings": [1, 2], "input_dir": "x"}',
+        b'{"settings": {}, "input_dir": "x", "no_face": 3}',
+        b'{"settings": {}, "input_dir": "x", "unreadable": []}',
+    ],
+)
+def test_a_malformed_report_is_a_one_line_error(photo_tree, tmp_path, capsys, content):
+    out = tmp_path / "aligned"
+    out.mkdir()
+    (out / REPORT_NAME).write_bytes(content)
+    argv = ["--input_dir", str(photo_tree), "--output_dir", str(out), "--num_workers", "0", "--no-progress"]
+    assert align_dataset.main(argv) == 2
+    assert "is not an alignment report" in capsys.readouterr().err
+    assert (out / REPORT_NAME).read_bytes() == content
+
+
+def test_a_detector_that_cannot_start_in_a_worker_ends_the_run(photo_tree, tmp_path, monkeypatch, capsys):
+    """Raised in the pool's initializer, the error would restart the worker forever; the first batch raises it."""
+
+    class MissingWeights:
+        def __init__(self, config):
+            raise InputError("facenet-pytorch's MTCNN weights are missing (pnet.pt)")
+
+    monkeypatch.setattr(align_dataset, "Aligner", MissingWeights)  # the forked workers inherit it
+    out = tmp_path / "aligned"
+    argv = ["--input_dir", str(photo_tree), "--output_dir", str(out), "--num_workers", "1", "--no-progress"]
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the run hung"))
+    signal.alarm(60)
+    try:
+        assert align_dataset.main(argv) == 2
+    finally:
+        signal.alarm(0)
+    assert "MTCNN weights are missing" in capsys.readouterr().err
+    assert json.loads((out / REPORT_NAME).read_text())["totals"]["not_processed"] == 6
+
+
+def test_16_bit_grey_photos_are_scaled_not_clipped_to_white(tmp_path):
+    grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)  # a 16-bit grey PNG: Pillow opens it as mode I;16
+    assert Image.open(path).mode == "I;16"
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    in_32_bits = Image.fromarray(grey.astype(np.int32))  # mode I, as some Pillow versions open such files
+    for loaded in (align_dataset.load_photo(path), load_image(path), to_rgb(in_32_bits)):
+        assert loaded.mode == "RGB"
+        pixels = np.asarray(loaded)
+        assert np.abs(pixels[..., 0].astype(int) - expected).max() <= 1 and pixels.std() > 50
 
 
 def test_tool_with_worker_processes_and_arcface_template(photo_tree, tmp_path):
