@@ -225,6 +225,8 @@ class LoadedModel:
     preprocess: str | None = None  # the preset used, None when the checkpoint stores its preprocessing
     alignment_stored: bool = False  # whether ``alignment`` is the checkpoint's own entry, not the default
     new_head: bool = False  # load_for_training only: the embedding head is new, not the checkpoint's
+    # set when the stored threshold was measured on other weights than these: what it was measured on
+    threshold_note: str | None = None
 
     def __post_init__(self):
         if self.alignment is None:
@@ -393,7 +395,7 @@ def _load(
             )
         preprocessing = preprocessing._replace(image_size=int(image_size))
     # a new head's distances are on another scale than the stored threshold's
-    threshold = None if new_head else _optional_float(checkpoint.get("best_distance_threshold"))
+    threshold = None if new_head else _stored_threshold(checkpoint, path)
     return LoadedModel(
         model=model,
         architecture=architecture,
@@ -404,13 +406,14 @@ def _load(
         std=preprocessing.std,
         layout=layout,
         distance_scale=float(getattr(model, "distance_scale", 1.0)),
-        epoch=_optional_int(checkpoint.get("epoch")),
+        epoch=_optional_int(checkpoint, "epoch", path),
         num_classes=num_classes,
         path=str(path),
         alignment=_alignment(checkpoint, path, preprocessing.image_size),
         preprocess=preset_used,
         alignment_stored=checkpoint.get("alignment") is not None,
         new_head=new_head,
+        threshold_note=None if threshold is None else _threshold_note(checkpoint),
     )
 
 
@@ -544,7 +547,13 @@ def _preprocessing(
         std = tuple(float(v) for v in checkpoint["normalization"]["std"])
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(f"{path}: image_size/normalization missing or malformed ({error!r})") from None
-    if len(mean) != 3 or len(std) != 3 or image_size < 1 or min(std) <= 0:
+    if (
+        len(mean) != 3
+        or len(std) != 3
+        or image_size < 1
+        or not all(map(math.isfinite, mean + std))
+        or min(std) <= 0
+    ):
         raise InputError(f"{path}: bad image_size {image_size} or normalization mean={mean} std={std}")
     stored = Preprocessing(image_size, mean, std)
     if preset is not None and not _same_preprocessing(PREPROCESS_PRESETS[preset], stored):
@@ -590,9 +599,40 @@ def _alignment(checkpoint: Mapping, path, image_size: int) -> Alignment:
     return alignment
 
 
-def _optional_float(value) -> float | None:
-    return None if value is None else float(value)
+def _stored_threshold(checkpoint: Mapping, path) -> float | None:
+    """The checkpoint's best_distance_threshold: None, or a positive finite distance (else an InputError)."""
+    value = checkpoint.get("best_distance_threshold")
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise InputError(f"{path}: best_distance_threshold {value!r} is not a positive distance")
+    return threshold
 
 
-def _optional_int(value) -> int | None:
-    return None if value is None else int(value)
+def _optional_int(checkpoint: Mapping, key: str, path) -> int | None:
+    value = checkpoint.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{path}: {key} {value!r} is not a whole number")
+    return int(value)
+
+
+def _threshold_note(checkpoint: Mapping) -> str | None:
+    """Why a checkpoint of this repository stores a threshold measured on other weights, or None.
+
+    The threshold is that of the last validation; with --lfw_validation_epoch_interval > 1, and in
+    interrupted or --checkpoint_every_steps checkpoints, the weights saved have trained on since."""
+    history, epoch = checkpoint.get("history"), checkpoint.get("epoch")
+    if not isinstance(history, Mapping) or not isinstance(epoch, int):
+        return None  # the original's layouts: their threshold is the saved epoch's
+    validated = history.get("validated_epochs") or []
+    step = checkpoint.get("step_in_epoch") or 0
+    if not validated or (validated[-1] == epoch and not step):
+        return None
+    where = f"epoch {epoch}" + (f" plus {step} steps" if step else "")
+    return f"it was measured after epoch {validated[-1]}, and these weights are from {where}"

@@ -153,7 +153,9 @@ def run(args) -> None:
         check_images_exist(args.images)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
-    threshold = decision_threshold(args.threshold, loaded.best_distance_threshold, args.model_path, args.flip)
+    threshold = decision_threshold(
+        args.threshold, loaded.best_distance_threshold, args.model_path, args.flip, loaded.threshold_note
+    )
     embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size, align=args.align)
 
     if args.pairs_csv is None:

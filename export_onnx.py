@@ -14,7 +14,8 @@ The graph takes what a decoded image gives, so that users need no normalisation 
 The normalisation ``(x / 255 - mean) / std`` runs inside the graph. The ONNX model's ``metadata_props``
 hold, as strings: ``image_size``, ``mean`` and ``std`` (JSON lists: what the graph applies), ``input_range``,
 ``layout``, ``architecture``, ``embedding_dim``, ``best_distance_threshold`` (empty when the checkpoint has
-none), ``distance_scale``, ``alignment`` (JSON), ``preprocess`` (the preset used, or empty) and ``source``
+none), ``best_distance_threshold_note`` (empty unless that threshold was measured on earlier weights than
+these: the last validation's), ``distance_scale``, ``alignment`` (JSON), ``preprocess`` (the preset used, or empty) and ``source``
 (the checkpoint's file name). The export uses torch.onnx's torch.export-based exporter (onnxscript), with
 the batch dimension dynamic; an existing output file is kept unless ``--overwrite``.
 """
@@ -80,6 +81,7 @@ def metadata(loaded: LoadedModel) -> dict[str, str]:
         "architecture": loaded.architecture,
         "embedding_dim": str(loaded.embedding_dim),
         "best_distance_threshold": "" if threshold is None else repr(float(threshold)),
+        "best_distance_threshold_note": loaded.threshold_note or "",  # set when measured on earlier weights
         "distance_scale": repr(float(loaded.distance_scale)),
         "alignment": json.dumps(loaded.alignment.as_dict()),
         "preprocess": loaded.preprocess or "",
@@ -141,6 +143,8 @@ def run(args) -> None:
         f"wrote {args.output}: {loaded.architecture}, {loaded.embedding_dim}-d embeddings of "
         f"{loaded.image_size} px RGB 0..255 input, opset {args.opset}"
     )
+    if loaded.threshold_note:
+        print(f"note: its best_distance_threshold is the last validation's: {loaded.threshold_note}")
 
 
 def main(argv=None) -> int:

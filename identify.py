@@ -339,7 +339,9 @@ def run(args) -> None:
     queries = query_photos(args.queries)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model_path, device, preprocess=args.preprocess)
-    threshold = decision_threshold(args.threshold, loaded.best_distance_threshold, args.model_path, args.flip)
+    threshold = decision_threshold(
+        args.threshold, loaded.best_distance_threshold, args.model_path, args.flip, loaded.threshold_note
+    )
     embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size, align=args.align)
     gallery = load_gallery(embedder, args)
     query_embeddings = embedder.embed(queries)

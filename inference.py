@@ -35,7 +35,7 @@ from checkpoint_loading import (
     LoadedModel,
     load_checkpoint,
 )
-from datasets.image_files import DECODE_ERRORS
+from datasets.image_files import DECODE_ERRORS, to_rgb
 from errors import InputError
 
 __all__ = [*checkpoint_loading.__all__, "FaceEmbedder", "embed_images", "decision_threshold", "distance"]
@@ -71,18 +71,27 @@ def check_threshold(threshold: float | None) -> None:
 
 
 def decision_threshold(
-    threshold: float | None, stored: float | None, model_path, flip: bool = False
+    threshold: float | None, stored: float | None, model_path, flip: bool = False, note: str | None = None
 ) -> float:
     """The distance below which two faces are the same person: ``threshold`` when given, else the one the
     checkpoint stored (its best LFW threshold); an InputError when there is neither.
 
     The stored threshold was chosen on embeddings of unflipped images; with ``flip`` the distances come out
     shorter (the average of two views), so more pairs would pass it: a warning says how to get the right one.
+    ``note`` (``LoadedModel.threshold_note``) says when it was measured on earlier weights: a warning too.
     """
     if threshold is not None:
         return threshold
     if stored is None:
         raise InputError(f"{model_path} stores no best_distance_threshold; pass --threshold")
+    if note:
+        logger.warning(
+            "%s: the stored threshold %.4f is the last validation's: %s; validate_on_LFW.py on this "
+            "checkpoint prints its own, to pass as --threshold",
+            model_path,
+            stored,
+            note,
+        )
     if flip:
         logger.warning(
             "--flip with the checkpoint's threshold %.4f, which was chosen without flipping: flipped distances "
@@ -186,7 +195,16 @@ class FaceEmbedder:
         embeddings = torch.full((len(images), self.loaded.embedding_dim), float("nan"))
         errors: list[str | None] = [None] * len(images)
         model = self.loaded.model
+        was_training = model.training
         model.eval()
+        try:
+            self._embed_into(embeddings, errors, images)
+        finally:
+            model.train(was_training)  # a model being fine-tuned goes back to training mode
+        return embeddings, errors
+
+    def _embed_into(self, embeddings: torch.Tensor, errors: list[str | None], images: list) -> None:
+        model = self.loaded.model
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             tensors, rows = [], []
@@ -204,7 +222,6 @@ class FaceEmbedder:
                 torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
             ):
                 embeddings[rows] = embed_images(model, batch, self.flip).cpu()
-        return embeddings, errors
 
     def distance(self, image1: ImageLike, image2: ImageLike) -> float:
         """Distance between the faces in two photos, on the scale of the checkpoint's threshold."""
@@ -227,7 +244,7 @@ class FaceEmbedder:
         faces = []
         for image in images:
             try:
-                faces.append(image.convert("RGB") if isinstance(image, Image.Image) else _read_image(image))
+                faces.append(to_rgb(image) if isinstance(image, Image.Image) else _read_image(image))
             except InputError as error:
                 faces.append(str(error))
         return faces
@@ -243,7 +260,7 @@ class FaceEmbedder:
         for index, image in enumerate(images):
             name = _image_name(image, first_index + index)
             try:
-                photo = image.convert("RGB") if isinstance(image, Image.Image) else _read_photo(image)
+                photo = to_rgb(image) if isinstance(image, Image.Image) else _read_photo(image)
             except InputError as error:
                 results.append(str(error))
                 continue
@@ -297,7 +314,7 @@ def _read_photo(path, upright: bool = True) -> Image.Image:
     """The RGB image at `path`, turned upright by its EXIF orientation when `upright` (raw camera photos)."""
     try:
         with Image.open(path) as image:
-            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
     except DECODE_ERRORS as error:

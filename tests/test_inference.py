@@ -5,6 +5,7 @@ threshold as a numpy float64, pickled under numpy 1.x names for the original's f
 model is checked against a reference implementation of its layout written here from torchvision directly.
 """
 
+import logging
 import pickle
 
 import numpy as np
@@ -514,3 +515,71 @@ def test_load_for_training_gives_a_trainable_registry_model(tmp_path):
     assert (old.embedding_dim, old.distance_scale) == (EMBEDDING_DIM, 1.0)
     torch.testing.assert_close(old.model.model.layer4[1].conv2.weight, legacy_net.layer4[1].conv2.weight)
     assert not loaded.new_head
+
+
+@pytest.mark.parametrize(
+    "history, epoch, step, note",
+    [
+        ({"validated_epochs": [1, 2]}, 2, 0, None),  # validated on these very weights
+        ({"validated_epochs": [2]}, 3, 0, "measured after epoch 2, and these weights are from epoch 3"),
+        (
+            {"validated_epochs": [2]},
+            2,
+            5,
+            "measured after epoch 2, and these weights are from epoch 2 plus 5",
+        ),
+        (None, 3, 0, None),  # the original's layout: its threshold is the saved epoch's
+    ],
+)
+def test_a_threshold_measured_on_earlier_weights_is_flagged(tmp_path, caplog, history, epoch, step, note):
+    checkpoint = this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40)
+    checkpoint.update(epoch=epoch, step_in_epoch=step)
+    if history is not None:
+        checkpoint["history"] = history
+    path = tmp_path / "model.pt"
+    torch.save(checkpoint, path)
+    loaded = load_checkpoint(path)
+    assert loaded.best_distance_threshold == 0.97
+    if note is None:
+        assert loaded.threshold_note is None
+    else:
+        assert note in loaded.threshold_note
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        assert inference.decision_threshold(None, 0.97, path, note=loaded.threshold_note) == 0.97
+        assert inference.decision_threshold(0.5, 0.97, path, note=loaded.threshold_note) == 0.5
+    assert ("the last validation's" in caplog.text) == (note is not None)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"best_distance_threshold": "abc"}, "best_distance_threshold 'abc' is not a positive distance"),
+        ({"best_distance_threshold": float("nan")}, "best_distance_threshold nan is not a positive distance"),
+        ({"best_distance_threshold": -1.0}, "is not a positive distance"),
+        ({"epoch": "x"}, "epoch 'x' is not a whole number"),
+        (
+            {"normalization": {"mean": [0.5] * 3, "std": [float("nan")] * 3}},
+            "bad image_size 40 or normalization",
+        ),
+    ],
+)
+def test_malformed_numbers_in_a_checkpoint_are_one_line_input_errors(tmp_path, entry, message):
+    checkpoint = this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40)
+    checkpoint.update(entry)
+    path = tmp_path / "model.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(InputError, match=message) as caught:
+        load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_embedding_leaves_a_model_in_training_mode_as_it_found_it(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40), path)
+    loaded = load_checkpoint(path)
+    loaded.model.train()
+    FaceEmbedder(loaded).embed(random_images(2, 40))
+    assert loaded.model.training
+    loaded.model.eval()
+    FaceEmbedder(loaded).embed(random_images(2, 40))
+    assert not loaded.model.training
