@@ -29,11 +29,13 @@ from fileio import atomic_write, refuse_to_replace
 from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
+    add_alignment_flags,
     check_threshold,
     decision_threshold,
     distance,
     load_checkpoint,
     preset_help,
+    resolve_alignment,
 )
 
 CSV_COLUMNS = ("image1", "image2")
@@ -67,6 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the checkpoint's training crops were",
     )
     parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
+    add_alignment_flags(parser)
     return parser
 
 
@@ -153,6 +156,7 @@ def run(args) -> None:
         check_images_exist(args.images)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
+    resolve_alignment(loaded, args.template, args.crop_margin, args.align)
     threshold = decision_threshold(
         args.threshold, loaded.best_distance_threshold, args.model_path, args.flip, loaded.threshold_note
     )

@@ -33,7 +33,14 @@ from torch import nn
 
 from errors import InputError, report_input_errors
 from fileio import atomic_write, refuse_to_replace
-from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
+from inference import (
+    PREPROCESS_PRESETS,
+    LoadedModel,
+    add_alignment_flags,
+    load_checkpoint,
+    preset_help,
+    resolve_alignment,
+)
 
 DEFAULT_OPSET = 18  # the oldest opset the torch.export-based exporter writes natively
 INPUT_NAME = "images"
@@ -66,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
     parser.add_argument("--image_size", type=int, default=None, help="input size; default: the checkpoint's")
+    add_alignment_flags(parser)  # what the metadata's alignment entry says
     return parser
 
 
@@ -132,6 +140,7 @@ def run(args) -> None:
             f"{newest} (the installed onnx's newest)"
         )
     loaded = load_checkpoint(args.model_path, "cpu", image_size=args.image_size, preprocess=args.preprocess)
+    resolve_alignment(loaded, args.template, args.crop_margin, used=True)
     proto = export(loaded, args.opset)
     written = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
     if written != args.opset:  # the exporter falls back to its own opset when it cannot convert

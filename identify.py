@@ -51,10 +51,12 @@ from inference import (
     PREPROCESS_PRESETS,
     FaceEmbedder,
     LoadedModel,
+    add_alignment_flags,
     check_threshold,
     decision_threshold,
     load_checkpoint,
     preset_help,
+    resolve_alignment,
 )
 
 CACHE_PREFIX = ".gallery_embeddings_"
@@ -101,6 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--preprocess", choices=tuple(PREPROCESS_PRESETS), default=None, help=preset_help())
+    add_alignment_flags(parser)
     parser.add_argument("--flip", action="store_true", help="also embed the mirrored photos and average")
     parser.add_argument("--batch_size", type=int, default=64)
     return parser
@@ -339,6 +342,7 @@ def run(args) -> None:
     queries = query_photos(args.queries)
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.model_path, device, preprocess=args.preprocess)
+    resolve_alignment(loaded, args.template, args.crop_margin, args.align)
     threshold = decision_threshold(
         args.threshold, loaded.best_distance_threshold, args.model_path, args.flip, loaded.threshold_note
     )

@@ -33,8 +33,10 @@ from checkpoint_loading import *  # noqa: F403 - the loading API stays importabl
 from checkpoint_loading import (
     Alignment,
     LoadedModel,
+    default_alignment,
     load_checkpoint,
 )
+from datasets.face_alignment import TEMPLATES
 from datasets.image_files import DECODE_ERRORS, to_rgb
 from errors import InputError
 
@@ -100,6 +102,68 @@ def decision_threshold(
             stored,
         )
     return stored
+
+
+def add_alignment_flags(parser) -> None:
+    """--template / --crop_margin: how raw photos are cropped, for checkpoints that do not say (or to override)."""
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="the crops the model was trained on: none (a square around the face box plus --crop_margin) or "
+        "arcface112 (the 5-landmark ArcFace warp, as in insightface's .rec sets); default: the checkpoint's "
+        "alignment entry, else none",
+    )
+    parser.add_argument(
+        "--crop_margin",
+        type=int,
+        default=None,
+        help="--template none: output pixels around the face box; default: the checkpoint's, else "
+        "round(32 * input size / 160)",
+    )
+
+
+def resolve_alignment(loaded: LoadedModel, template: str | None, crop_margin: int | None, used: bool) -> None:
+    """Set ``loaded.alignment`` from --template / --crop_margin; ``used``: whether photos will be aligned
+    (--align). Warns when raw photos are cropped without the checkpoint saying how its crops were made."""
+    if template is None and crop_margin is None:
+        if used and not loaded.alignment_stored:
+            logger.warning(
+                "%s does not say how its training crops were made: raw photos are cropped as a square around "
+                "the face with margin %d; pass --template arcface112 if it was trained on ArcFace-warped crops "
+                "(insightface's .rec sets), or --crop_margin",
+                loaded.path,
+                loaded.alignment.margin,
+            )
+        return
+    if not used:
+        raise InputError("--template and --crop_margin set how --align crops raw photos; add --align")
+    template = template or ("none" if crop_margin is not None else loaded.alignment.template)
+    if template == "arcface112":
+        if crop_margin is not None:
+            raise InputError(
+                "--crop_margin applies to --template none (the ArcFace template fixes the framing)"
+            )
+        alignment = Alignment("arcface112", 112, 0)
+    else:
+        size = loaded.image_size
+        if crop_margin is not None:
+            margin = crop_margin
+        elif loaded.alignment.template == "none":  # the checkpoint's (or the default) margin
+            margin = loaded.alignment.margin
+        else:
+            margin = default_alignment(size).margin
+        if not 0 <= margin < size:
+            raise InputError(f"--crop_margin must be in [0, {size}) for {size} px input, got {margin}")
+        alignment = Alignment("none", size, margin)
+    if loaded.alignment_stored and alignment != loaded.alignment:
+        logger.warning(
+            "%s was trained on %s crops; using %s as asked",
+            loaded.path,
+            loaded.alignment.as_dict(),
+            alignment.as_dict(),
+        )
+    loaded.alignment = alignment
 
 
 def distance(embedding1, embedding2):

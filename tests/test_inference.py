@@ -583,3 +583,43 @@ def test_embedding_leaves_a_model_in_training_mode_as_it_found_it(tmp_path):
     loaded.model.eval()
     FaceEmbedder(loaded).embed(random_images(2, 40))
     assert not loaded.model.training
+
+
+def test_template_and_crop_margin_set_how_raw_photos_are_cropped(tmp_path, caplog):
+    path = tmp_path / "model.pt"
+    torch.save(
+        this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40), path
+    )  # no alignment
+
+    def resolved(template, crop_margin, used=True):
+        loaded = load_checkpoint(path)
+        inference.resolve_alignment(loaded, template, crop_margin, used)
+        return loaded.alignment
+
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        assert resolved(None, None) == checkpoint_loading.default_alignment(40)
+    assert (
+        "does not say how its training crops were made" in caplog.text
+        and "--template arcface112" in caplog.text
+    )
+    assert resolved("arcface112", None) == checkpoint_loading.Alignment("arcface112", 112, 0)
+    assert resolved(None, 5) == checkpoint_loading.Alignment("none", 40, 5)
+    assert resolved("none", None) == checkpoint_loading.default_alignment(40)
+    for template, margin, used, message in [
+        ("arcface112", None, False, "add --align"),
+        ("arcface112", 4, True, "--crop_margin applies to --template none"),
+        (None, 40, True, r"--crop_margin must be in \[0, 40\)"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            resolved(template, margin, used)
+
+    stored = this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40)
+    stored["alignment"] = {"template": "none", "image_size": 40, "margin": 6}
+    torch.save(stored, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        assert resolved(None, None).margin == 6 and resolved("none", None).margin == 6  # the checkpoint's
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        assert resolved("arcface112", None).template == "arcface112"
+    assert "was trained on" in caplog.text and "using" in caplog.text
