@@ -26,6 +26,11 @@ be decoded, are listed in `alignment_report.json` in the output folder with per-
 skips photos whose output exists and photos the report already lists (use `--retry_failed` to try those
 again; a run with other detection settings, `--min_face_prob`, `--min_face_size` or `--max_side`, tries
 them again by itself). An output folder holds the crops of one input folder and one set of crop settings.
+
+The same command gives the same files. Photos of one size go through the detector's networks together, so
+another `--batch_size` or `--num_workers` can move a crop's pixels by one grey level (floating-point sums in
+another order), and MTCNN's landmarks carry facenet-pytorch's own bias of about one detector pixel, which
+the shrink to `--max_side` scales up in the photo; both are the same for training and inference crops.
 """
 
 import argparse
