@@ -217,7 +217,7 @@ class MarginTask(TrainingTask):
         # this process's count makes the trainer's all-reduced average that same mean
         loss = self.classifier(step_module(images).float(), labels)
         count = torch.tensor(float(labels.numel()), device=labels.device)
-        return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
+        return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count, global_mean=True)
 
     def checkpoint_extras(self) -> dict:
         # a collective: every process sends its centers (and their momentum) to rank 0

@@ -7,24 +7,20 @@ F.cross_entropy over margin_logits of the whole batch with the whole normalised 
 
 import math
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from losses.margin_softmax import LOSS_MARGINS, MarginLogits, fallback_threshold, margin_logits
 from losses.partial_fc import CosineClassifier, PartialSGD, initial_weight, shard_range
+from tests.gloo_processes import run_on_gloo
 
 ARCFACE = LOSS_MARGINS["arcface"]
 COSFACE = LOSS_MARGINS["cosface"]
 COMBINED = (1.0, 0.3, 0.2)  # insightface's combined-margin setting
 SCALE = 64.0
-PROCESS_TIMEOUT_S = 240  # generous: a loaded 2-core machine takes long to spawn two torch processes
 
 
 def brute_target(cosine: float, scale: float, m1: float, m2: float, m3: float) -> float:
@@ -397,48 +393,6 @@ def test_shard_range_splits_as_evenly_as_possible():
 
 
 # --------------------------------------------------------------------------------------------- two gloo processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank, world_size, port, worker, args):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=150),
-    )
-    try:
-        worker(rank, *args)
-        # every rank past its last collective before any tears the group down: a rank leaving right after
-        # its part of a gather while rank 0 still receives made gloo abort the leaving process (SIGABRT)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_gloo(worker, *args, world_size=2):
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [
-        context.Process(target=_entry, args=(rank, world_size, port, worker, args))
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=PROCESS_TIMEOUT_S)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert [process.exitcode for process in processes] == [0] * world_size
 
 
 # 7 classes on 2 ranks (4 + 3); uneven batches (5 + 3); each rank's labels reach into the other's shard

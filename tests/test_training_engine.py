@@ -31,6 +31,7 @@ from training.engine import (
     TrainingDiverged,
     TrainingTask,
     backward_and_step,
+    loss_for_ddp,
 )
 from training.records import EpochTotals
 from training.runtime import Runtime
@@ -623,3 +624,57 @@ def test_restarts_on_torchruns_shared_store_get_the_workaround_named():
     assert restart_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert restart_store_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert restart_store_warning({}) is None
+
+
+# ----------------------------------------------------------------------------- DDP: processes' shares
+
+KEPT_PER_RANK = ([0, 1, 2], [3, 4, 5, 6, 7, 8, 9])  # 3 and 7 triplets kept: the processes' counts differ
+
+
+def _tiny_problem():
+    torch.manual_seed(0)
+    inputs = torch.randn(10, 4, dtype=torch.float64)
+    return inputs, nn.Linear(4, 1).double()
+
+
+def _ddp_share_worker(rank, out_dir):
+    import torch.distributed as dist
+
+    inputs, model = _tiny_problem()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    per_triplet = ddp(inputs[KEPT_PER_RANK[rank]]).squeeze(1) ** 2
+    count = torch.tensor(float(len(KEPT_PER_RANK[rank])), dtype=torch.float64)
+    out = StepOutput(loss=per_triplet.mean(), loss_sum=per_triplet.sum().detach(), count=count)
+    global_count = count.clone()
+    dist.all_reduce(global_count)
+    loss_for_ddp(out, float(global_count), dist.get_world_size()).backward()
+    torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_trains_on_the_mean_over_every_process_triplets_when_their_counts_differ(tmp_path):
+    from tests.gloo_processes import run_on_gloo
+
+    run_on_gloo(_ddp_share_worker, str(tmp_path))
+    inputs, model = _tiny_problem()
+    (model(inputs).squeeze(1) ** 2).mean().backward()  # one process, all ten triplets
+    expected = [p.grad for p in model.parameters()]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for grad, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
+    # what DDP alone gives (the average of the two processes' means) is another gradient: the case is a real one
+    naive = []
+    for kept in KEPT_PER_RANK:
+        inputs, model = _tiny_problem()
+        (model(inputs[kept]).squeeze(1) ** 2).mean().backward()
+        naive.append([p.grad for p in model.parameters()])
+    assert max(float(((a + b) / 2 - c).abs().max()) for a, b, c in zip(*naive, expected, strict=True)) > 1e-3
+
+
+def test_a_loss_already_over_the_global_batch_is_left_as_it_is():
+    loss = torch.tensor(2.0, requires_grad=True)
+    out = StepOutput(loss=loss, loss_sum=loss.detach() * 3, count=torch.tensor(3.0), global_mean=True)
+    assert loss_for_ddp(out, 10.0, 2) is loss
+    local = StepOutput(loss=loss, loss_sum=loss.detach() * 3, count=torch.tensor(3.0))
+    assert loss_for_ddp(local, 10.0, 2).item() == pytest.approx(2.0 * 2 * 3 / 10)  # W x its share
+    assert loss_for_ddp(local, 3.0, 1) is loss  # one process: its mean is the mean

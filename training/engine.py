@@ -67,6 +67,9 @@ class StepOutput:
     loss: torch.Tensor  # mean over the samples trained on (a zero with a graph when there were none)
     loss_sum: torch.Tensor  # loss x number of samples, detached
     count: torch.Tensor  # number of samples (triplets, images) the loss is a mean over
+    # whether ``loss`` is already the mean over every process's samples with gradients to match (the sharded
+    # margin classifier); otherwise it is this process's own mean, and the trainer weights it by its share
+    global_mean: bool = False
 
 
 class TrainingTask:
@@ -122,6 +125,16 @@ class TrainingTask:
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite; the message says what to try."""
+
+
+def loss_for_ddp(out: StepOutput, global_count: float, world_size: int) -> torch.Tensor:
+    """The loss whose gradient, once DDP has averaged it over the W processes, is that of the mean over every
+    process's samples: this process's mean weighted by W x its share of them (``global_count`` is the
+    all-reduced count). The shares differ when the processes keep different numbers of triplets; unweighted,
+    each of a process's triplets would count 1 / (W x that process's count) instead of 1 / global_count."""
+    if world_size == 1 or out.global_mean:
+        return out.loss
+    return out.loss * (world_size * out.count.to(out.loss.dtype) / max(global_count, 1.0))
 
 
 def backward_and_step(
@@ -363,7 +376,8 @@ class Trainer:
         self.stop_agreed = self.stop_agreed or verdict.stop
         if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
-            backward_and_step(self.task, out.loss, self.scaler, self.args.clip_grad_norm)
+            loss = loss_for_ddp(out, verdict.count, runtime.world_size)
+            backward_and_step(self.task, loss, self.scaler, self.args.clip_grad_norm)
             totals.loss_sum += verdict.loss_sum
             totals.count += verdict.count
             self.steps_completed += 1
