@@ -592,8 +592,9 @@ def test_a_steps_dropout_depends_on_seed_epoch_and_step_not_on_what_ran_before(t
     assert torch.equal(weights_after_step_3(False), weights_after_step_3(True))
 
 
+@pytest.mark.parametrize("epochs, status", [(2, 143), (1, 0)])  # after the last epoch the run is complete
 def test_a_stop_request_during_validation_ends_the_run_after_that_epochs_checkpoint(
-    tiny_demo_data, tmp_path, monkeypatch
+    tiny_demo_data, tmp_path, monkeypatch, epochs, status
 ):
     real_validate = Trainer.validate
 
@@ -605,13 +606,13 @@ def test_a_stop_request_during_validation_ends_the_run_after_that_epochs_checkpo
     argv = [
         *common_args(tiny_demo_data, tmp_path / "run"),
         "--epochs",
-        "2",
+        epochs,
         "--num_triplets_train",
         "24",
         "--batch_size",
         "8",
     ]
-    assert train_triplet.main([str(a) for a in argv]) == 143
+    assert train_triplet.main([str(a) for a in argv]) == status
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["model_resnet18_triplet_epoch_1.pt"]  # no step of epoch 2 ran
 
@@ -678,3 +679,61 @@ def test_a_loss_already_over_the_global_batch_is_left_as_it_is():
     local = StepOutput(loss=loss, loss_sum=loss.detach() * 3, count=torch.tensor(3.0))
     assert loss_for_ddp(local, 10.0, 2).item() == pytest.approx(2.0 * 2 * 3 / 10)  # W x its share
     assert loss_for_ddp(local, 3.0, 1) is loss  # one process: its mean is the mean
+
+
+# ----------------------------------------------------------------------------- fp16: one skip for all
+
+
+def _two_optimizer_task(seed=0):
+    """A model and a loss parameter of its own (the centers, a classifier shard), each with its optimizer."""
+    torch.manual_seed(seed)
+    model, centers = nn.Linear(3, 1), nn.Parameter(torch.randn(3))
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD([centers], lr=0.1)]
+    return SimpleNamespace(
+        model=model, centers=centers, optimizers=optimizers, before_optimizer_step=lambda: None
+    )
+
+
+def _loss(task, centers_overflow: bool):
+    inputs = torch.ones(4, 3)
+    loss = task.model(inputs).pow(2).mean() + (task.centers * inputs).sum()
+    if centers_overflow:  # only the centers' gradient is inf, as when one shard's logits overflow in fp16
+        task.overflow_hook = task.centers.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    return loss
+
+
+def test_an_fp16_overflow_in_one_optimizer_skips_every_optimizer():
+    task = _two_optimizer_task()
+    before = [p.detach().clone() for p in (*task.model.parameters(), task.centers)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert backward_and_step(task, _loss(task, centers_overflow=True), scaler) is False
+    after = [p.detach() for p in (*task.model.parameters(), task.centers)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the model did not step either
+    assert scaler.get_scale() == 512.0
+    task.overflow_hook.remove()
+    assert backward_and_step(task, _loss(task, centers_overflow=False), scaler) is True
+    assert not torch.equal(before[0], task.model.weight.detach())
+
+
+def _overflow_worker(rank, out_dir):
+    task = _two_optimizer_task()
+    task.model = nn.parallel.DistributedDataParallel(task.model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stepped = backward_and_step(
+        task, _loss(task, centers_overflow=rank == 0), scaler, runtime=SimpleNamespace(distributed=True)
+    )
+    torch.save(
+        {"stepped": stepped, "scale": scaler.get_scale(), "weight": task.model.module.weight.detach()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+
+
+def test_an_fp16_overflow_on_one_process_skips_the_step_and_lowers_the_scale_on_every_process(tmp_path):
+    from tests.gloo_processes import run_on_gloo
+
+    run_on_gloo(_overflow_worker, str(tmp_path))
+    initial = _two_optimizer_task().model.weight.detach()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["stepped"] is False and result["scale"] == 512.0
+        assert torch.equal(result["weight"], initial)

@@ -45,6 +45,7 @@ from training.finetune import load_initial_weights, set_backbone_frozen, settle_
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.runtime import (
     Runtime,
+    all_reduce_sum,
     barrier,
     close_run_logs,
     configure_logging,
@@ -142,8 +143,10 @@ def backward_and_step(
     loss: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
-) -> None:
-    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16.
+    runtime: Runtime | None = None,
+) -> bool:
+    """Backward and the task's optimizer steps; the scaler is a no-op unless training in fp16. Returns whether
+    the optimizers stepped (False: an fp16 gradient overflow, see `agree_on_overflow`).
 
     ``clip_grad_norm`` (--clip_grad_norm) bounds the total gradient norm of the model (the backbone and its
     head, as arcface_torch clips its backbone), measured on the true gradients: after unscaling. Under DDP the
@@ -153,15 +156,42 @@ def backward_and_step(
     scaler.scale(loss).backward()
     for optimizer in task.optimizers:
         scaler.unscale_(optimizer)
-    if clip_grad_norm is not None:
-        # an fp16 overflow makes the norm inf and the gradients NaN: the scaler then skips the step anyway
+    overflow = scaler.is_enabled() and agree_on_overflow(scaler, task.optimizers, runtime)
+    if clip_grad_norm is not None and not overflow:
         nn.utils.clip_grad_norm_(task.model.parameters(), clip_grad_norm)
     task.before_optimizer_step()
     for optimizer in task.optimizers:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped when its inf flag is set
     scaler.update()
     for optimizer in task.optimizers:
         optimizer.zero_grad(set_to_none=True)
+    return not overflow
+
+
+def agree_on_overflow(scaler: torch.amp.GradScaler, optimizers, runtime: Runtime | None = None) -> bool:
+    """After ``unscale_``: whether any optimizer of any process met an inf or NaN gradient. If one did, every
+    optimizer of every process is marked as having met one, so GradScaler skips them all and every process
+    lowers its scale alike. Left to itself GradScaler decides per optimizer and per process: the model could
+    skip a step its centers take, and a process whose own classifier shard overflowed would lower its scale
+    alone, after which DDP would average gradients scaled differently. One all-reduce; fp16 runs only.
+
+    The flags are GradScaler's per-optimizer ``found_inf_per_device`` tensors (its state since PyTorch 1.6).
+    """
+    flags = [
+        flag
+        for optimizer in optimizers
+        for flag in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values()
+    ]
+    device = flags[0].device if flags else torch.device("cpu")
+    found = (
+        torch.stack([flag.to(device) for flag in flags]).sum() if flags else torch.zeros((), device=device)
+    )
+    if runtime is not None:
+        found = all_reduce_sum(found.reshape(1).double(), runtime)[0]
+    overflow = bool(found.item() > 0)
+    for flag in flags:
+        flag.fill_(float(overflow))
+    return overflow
 
 
 class Trainer:
@@ -377,10 +407,12 @@ class Trainer:
         if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
             loss = loss_for_ddp(out, verdict.count, runtime.world_size)
-            backward_and_step(self.task, loss, self.scaler, self.args.clip_grad_norm)
-            totals.loss_sum += verdict.loss_sum
-            totals.count += verdict.count
             self.steps_completed += 1
+            if backward_and_step(self.task, loss, self.scaler, self.args.clip_grad_norm, runtime):
+                totals.loss_sum += verdict.loss_sum
+                totals.count += verdict.count
+            else:  # an fp16 gradient overflow: nothing trained; the scaler lowered its scale
+                totals.skipped_steps += 1
             return
         self.steps_completed += 1  # a skipped step was taken all the same: the data and the model ran
         totals.skipped_steps += 1
@@ -471,7 +503,9 @@ class Trainer:
                 self.stop_agreed = self.stop_agreed or agree_to_stop(
                     stop.signal_name is not None, self.runtime
                 )
-                if self.stop_agreed:
+                if self.stop_agreed and epoch + 1 == self.args.epochs:
+                    log.info(f"{reason} came after the last step: the run is complete")
+                elif self.stop_agreed:
                     path = checkpoint_path(self.output_dir, self.args.model, self.task.name, epoch + 1, False)
                     log.warning(
                         f"{reason}: stopped after epoch {epoch + 1}; resume with --resume_path {path}"
