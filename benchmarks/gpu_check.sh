@@ -3,7 +3,7 @@
 #   1. which precision --amp auto picks on this GPU, and why;
 #   2. training throughput of ResNet-34 at 160 and 224 px with real data loading against the model-only ceiling;
 #   3. images/s per data-loader worker (uint8 path), sized for the model-only rate of step 2;
-#   4. a two-epoch demo on the GPU;
+#   4. a two-epoch demo on the GPU, and a center-loss epoch in fp16 with its gradient scaler;
 #   5. with two or more GPUs, the same demo under torchrun (DDP, NCCL) and a margin-softmax epoch whose
 #      classifier is sharded over the GPUs.
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]
@@ -28,6 +28,9 @@ for line in open(sys.argv[1]):
 "$python" benchmarks/bench_input_pipeline.py --sizes 160 224 --seconds 8 ${rate:+--gpu_images_per_second "$rate"} \
     | tee "$out/input_pipeline.md"
 "$python" train_triplet.py --demo --device cuda --epochs 2 --output_dir "$out/demo_triplet" | tee "$out/demo_triplet.log"
+# the fp16 + GradScaler path (what --amp auto picks on GPUs without bf16), with the center loss's second optimizer
+"$python" train_center.py --demo --device cuda --epochs 1 --amp fp16 --output_dir "$out/demo_center_fp16" \
+    | tee "$out/demo_center_fp16.log"
 gpus=$(nvidia-smi --list-gpus | wc -l)
 if [ "$gpus" -ge 2 ]; then
     "$python" -m torch.distributed.run --standalone --nproc_per_node 2 train_triplet.py --demo --device cuda \
