@@ -57,13 +57,14 @@ budget. Each run is its own process (`--jobs` of them at once), so the clock hol
 
 Outputs in --output: <name>.md (the table), <name>.json (settings, curves, per-run records) and, unless
 --no-plot, <name>_curves.png (accuracy against training CPU seconds). Finished runs are cached in
---work_dir/records and reused when the same run is asked for again: the cache key is the run's settings, not
-the code, so pass --no-reuse after changing the training code.
+--work_dir/records and reused when the same run is asked for again: the cache key is the run's settings and a
+hash of the repository's Python files (`code_fingerprint`), so a change of the code is a new run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -271,10 +272,25 @@ def method_settings(method: str, bench_args: argparse.Namespace, overrides: dict
     return settings
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha1 of the repository's Python files (the code a run trains with), tests and virtualenvs left out."""
+    digest = hashlib.sha1()
+    tops = [
+        top for top in REPO.iterdir() if top.name not in ("tests", "runs") and not top.name.startswith(".")
+    ]
+    files: list[Path] = []
+    for top in tops:
+        files += [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
+    for path in sorted(files):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def run_key(
     method: str, settings: dict, seed: int, budget: float, eval_points: list[float], train_folds: str = "1-5"
 ) -> str:
-    parts = [method, settings, seed, budget, eval_points]
+    parts = [method, settings, seed, budget, eval_points, code_fingerprint()]
     if train_folds != "1-5":  # the first split's keys stay what they were
         parts.append(train_folds)
     if method in DEFAULTS_METHODS:  # the defaults live in the script: a change of them is a new run
@@ -375,6 +391,7 @@ def train_one(job: dict) -> dict:
         progress, schedule = train_within_budget(job, task, args, lfw_dataset)
     record = {
         "key": job["key"],
+        "code": code_fingerprint(),  # the repository's Python files the run trained with
         "method": job["method"],
         "settings": job["settings"],
         # the recipe as the task resolved it (defaults that depend on other flags filled in)
