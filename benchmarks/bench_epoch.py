@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import statistics
@@ -176,7 +177,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--num_triplets", type=int, default=640, help="the original's triplets (3x images)")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds of (original, ours); median kept")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of both sides, taking turns to go first; median kept"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "epoch.json",
+        help="JSON record of the command, every round and the summary",
+    )
     parser.add_argument(
         "--lfw_dir", type=Path, default=SHARED_DATA / "lfw_112", help="images, one folder each"
     )
@@ -186,7 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_report(args, workers: int, originals: list[dict], ours: list[dict]) -> None:
+def print_report(args, workers: int, originals: list[dict], ours: list[dict]) -> dict:
     defaults = args.defaults
     original_rate = statistics.median(run["images"] / run["seconds"] for run in originals)
     our_rate = statistics.median(run["images"] / run["seconds"] for run in ours)
@@ -223,6 +232,13 @@ def print_report(args, workers: int, originals: list[dict], ours: list[dict]) ->
         f"{original_rate * train_flops / fp32_peak:.0%} of the fp32 peak, ours at "
         f"{our_rate * train_flops / bf16_peak:.0%} of the bf16 peak"
     )
+    return {
+        "original_images_per_second": original_rate,
+        "ours_images_per_second": our_rate,
+        "speedup": our_rate / original_rate,
+        "gflop_per_image": train_flops / 1e9,
+        "matmul_gflops": {"fp32": fp32_peak / 1e9, "bf16": bf16_peak / 1e9},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,11 +259,27 @@ def main(argv: list[str] | None = None) -> int:
         generate_csv(args.lfw_dir, work / "lfw.csv")
         small_pairs_file(args.lfw_dir, args.lfw_pairs, work / "pairs_small.txt")
         for round_index in range(args.repeats):
-            originals.append(run_original(args, args.defaults, workers))
-            print(f"round {round_index + 1}: original {originals[-1]['seconds']:.1f} s", flush=True)
-            ours.append(run_ours(args, work, round_index))
-            print(f"round {round_index + 1}: ours {ours[-1]['seconds']:.1f} s", flush=True)
-    print_report(args, workers, originals, ours)
+            # the sides take turns to go first, so neither always meets a cold page cache or a warm process
+            sides = ("original", "ours") if round_index % 2 == 0 else ("ours", "original")
+            for side in sides:
+                if side == "original":
+                    originals.append(run_original(args, args.defaults, workers))
+                else:
+                    ours.append(run_ours(args, work, round_index))
+                seconds = (originals if side == "original" else ours)[-1]["seconds"]
+                print(f"round {round_index + 1}: {side} {seconds:.1f} s", flush=True)
+    summary = print_report(args, workers, originals, ours)
+    record = {
+        "command": "python benchmarks/bench_epoch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "data_workers": workers,
+        "rounds": {"original": originals, "ours": ours},
+        **summary,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.output}")
     return 0
 
 
