@@ -32,8 +32,9 @@ from training.data import (
     shuffled_batches,
     shuffled_steps,
 )
-from training.engine import StepOutput, TrainingTask, run_training
+from training.engine import TrainingTask, run_training
 from training.runtime import Runtime
+from training.step import StepOutput
 
 DEMO_DEFAULTS = {
     "epochs": 3,

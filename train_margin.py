@@ -47,8 +47,9 @@ from training.data import (
     shuffled_batches,
     shuffled_steps,
 )
-from training.engine import StepOutput, TrainingTask, run_training
+from training.engine import TrainingTask, run_training
 from training.runtime import Runtime
+from training.step import StepOutput
 
 LOSSES = ("arcface", "cosface", "combined")
 MARGIN_SCALE_DEFAULT = 64.0  # s of both papers

@@ -39,8 +39,9 @@ from training.data import (
     shard_length,
     stack_triplets,
 )
-from training.engine import StepOutput, TrainingTask, run_training
+from training.engine import TrainingTask, run_training
 from training.runtime import Runtime
+from training.step import StepOutput
 
 PREGENERATED_RULES = ("hard", "semihard")
 ONLINE_RULES = ("batch_hard", "batch_all")

@@ -476,8 +476,8 @@ def train_within_budget(job: dict, task, args: argparse.Namespace, lfw_dataset):
     """
     import torch
 
-    from training.engine import backward_and_step
     from training.runtime import epoch_seed
+    from training.step import backward_and_step
 
     eval_points = list(job["eval_points"])
     clock = TrainingClock()

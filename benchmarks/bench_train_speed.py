@@ -47,7 +47,7 @@ from devices import AMP_CHOICES, auto_amp, resolve_amp, resolve_device, usable_w
 from losses import TripletLoss  # noqa: E402
 from models import build_model  # noqa: E402
 from training.builders import build_optimizer  # noqa: E402
-from training.engine import backward_and_step  # noqa: E402
+from training.step import backward_and_step  # noqa: E402
 
 SHARED_LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_112"
 

@@ -13,8 +13,8 @@ import torch
 import train_center
 from losses import CenterLoss
 from tests.training_data import REPO, common_args
-from training.engine import backward_and_step
 from training.runtime import Runtime
+from training.step import backward_and_step
 
 
 def run_main(args) -> int:

@@ -24,17 +24,10 @@ from training.builders import build_optimizer, load_optimizer_state
 from training.checkpoint import latest_checkpoint
 from training.coordination import StopRequested
 from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
-from training.engine import (
-    MAX_CONSECUTIVE_NONFINITE,
-    StepOutput,
-    Trainer,
-    TrainingDiverged,
-    TrainingTask,
-    backward_and_step,
-    loss_for_ddp,
-)
+from training.engine import MAX_CONSECUTIVE_NONFINITE, Trainer, TrainingDiverged, TrainingTask
 from training.records import EpochTotals
 from training.runtime import Runtime
+from training.step import StepOutput, backward_and_step, loss_for_ddp
 
 # ------------------------------------------------------------------------------------------- samplers
 
