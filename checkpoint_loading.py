@@ -51,10 +51,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from datasets.face_alignment import TEMPLATES
+from datasets.face_alignment import Alignment, default_alignment
 from datasets.transforms import eval_transform
 from errors import InputError
 from models import MODEL_NAMES, Preprocessing, build_model, min_image_size
+from models.preprocessing import PREPROCESS_PRESETS, preset_help
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -88,32 +89,6 @@ _LINEAR_HEAD_LAYOUTS = {
     LAYOUT_ORIGINAL_2021: {"bias": False, "distance_scale": 1.0},
 }
 LAYOUT_FACENET_PYTORCH = "facenet-pytorch"
-
-# Preprocessing of checkpoints that do not store theirs. The original repository trained and evaluated at
-# 224 px with mean = std = 0.5 until 2020, and at 140 px with the mean and std of VGGFace2 in 2021 (see its
-# train scripts of each year); facenet-pytorch's models take 160 px and (x - 127.5) / 128.
-PREPROCESS_PRESETS: dict[str, Preprocessing] = {
-    "original-2020": Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "original-2021": Preprocessing(140, (0.6071, 0.4609, 0.3944), (0.2457, 0.2175, 0.2129)),
-    "facenet-pytorch": Preprocessing(160, (127.5 / 255,) * 3, (128 / 255,) * 3),
-}
-
-
-def preset_help() -> str:
-    """The presets in one line, for the --preprocess flag of the commands."""
-    described = "; ".join(
-        f"{name}: {size} px, mean {_slashed(mean)}, std {_slashed(std)}"
-        for name, (size, mean, std) in PREPROCESS_PRESETS.items()
-    )
-    return (
-        f"input size and normalisation of a checkpoint that stores none: {described} (default: its "
-        "layout's own; a checkpoint of this repository always uses what it stores)"
-    )
-
-
-def _slashed(values) -> str:
-    return "/".join(f"{value:.4g}" for value in values)
-
 
 _LAYOUT_PRESET = {
     LAYOUT_ORIGINAL_2020: "original-2020",
@@ -182,24 +157,6 @@ class LegacyResnetTriplet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.distance_scale * F.normalize(self.model(images).float(), p=2, dim=1)
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """How raw photos are turned into the crops a model was trained on (datasets/align_dataset.py's flags)."""
-
-    template: str  # "none": square crop around the face box plus margin; "arcface112": landmark warp
-    image_size: int  # side of the crop in pixels (the model's transform resizes it to its input size)
-    margin: int  # output pixels around the face box ("none" only; 0 for "arcface112")
-
-    def as_dict(self) -> dict:
-        """The checkpoint's ``alignment`` entry."""
-        return {"template": self.template, "image_size": self.image_size, "margin": self.margin}
-
-
-def default_alignment(image_size: int) -> Alignment:
-    """The crop assumed for a checkpoint that names none: square, the seed's 32 px margin at 160 px, scaled."""
-    return Alignment("none", int(image_size), round(32 * image_size / 160))
 
 
 @dataclass
@@ -582,21 +539,7 @@ def _rounded(values) -> str:
 def _alignment(checkpoint: Mapping, path, image_size: int) -> Alignment:
     """The checkpoint's ``alignment`` entry, checked, or the default crop for its input size."""
     entry = checkpoint.get("alignment")
-    if entry is None:
-        return default_alignment(image_size)
-    try:
-        alignment = Alignment(str(entry["template"]), int(entry["image_size"]), int(entry["margin"]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise InputError(
-            f"{path}: alignment entry malformed ({error!r}); expected template, image_size, margin"
-        ) from None
-    if alignment.template not in TEMPLATES or alignment.image_size < 1:
-        raise InputError(f"{path}: bad alignment {entry!r} (templates: {', '.join(TEMPLATES)})")
-    if not 0 <= alignment.margin < alignment.image_size or (
-        alignment.template != "none" and alignment.margin
-    ):
-        raise InputError(f"{path}: bad alignment margin in {entry!r}")
-    return alignment
+    return default_alignment(image_size) if entry is None else Alignment.from_entry(entry, path)
 
 
 def _stored_threshold(checkpoint: Mapping, path) -> float | None:

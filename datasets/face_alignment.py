@@ -4,14 +4,20 @@
   output pixels (as facenet-pytorch does), resized to the output size.
 - `warp_to_template`: a similarity warp of the five landmarks onto the standard 112x112 ArcFace template
   (the alignment of `../shared/data/lfw_112`), estimated with `umeyama_similarity`.
+
+`Alignment` names which of the two made a model's training crops, and at what size and margin (a checkpoint's
+``alignment`` entry), so that raw photos can be cropped the same way.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from errors import InputError
 
 # The five-point template of InsightFace's arcface_torch (eyes, nose tip, mouth corners) for 112x112 crops,
 # https://github.com/deepinsight/insightface/blob/master/python-package/insightface/utils/face_align.py
@@ -25,6 +31,41 @@ ARCFACE_TEMPLATE_112 = np.array(
     ]
 )
 TEMPLATES = ("none", "arcface112")
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How raw photos are turned into the crops a model was trained on (datasets/align_dataset.py's flags)."""
+
+    template: str  # "none": square crop around the face box plus margin; "arcface112": landmark warp
+    image_size: int  # side of the crop in pixels (the model's transform resizes it to its input size)
+    margin: int  # output pixels around the face box ("none" only; 0 for "arcface112")
+
+    def as_dict(self) -> dict:
+        """The checkpoint's ``alignment`` entry."""
+        return {"template": self.template, "image_size": self.image_size, "margin": self.margin}
+
+    @classmethod
+    def from_entry(cls, entry, path) -> Alignment:
+        """A checkpoint's ``alignment`` entry, checked; an InputError naming ``path`` when it is not one."""
+        try:
+            alignment = cls(str(entry["template"]), int(entry["image_size"]), int(entry["margin"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(
+                f"{path}: alignment entry malformed ({error!r}); expected template, image_size, margin"
+            ) from None
+        if alignment.template not in TEMPLATES or alignment.image_size < 1:
+            raise InputError(f"{path}: bad alignment {entry!r} (templates: {', '.join(TEMPLATES)})")
+        if not 0 <= alignment.margin < alignment.image_size or (
+            alignment.template != "none" and alignment.margin
+        ):
+            raise InputError(f"{path}: bad alignment margin in {entry!r}")
+        return alignment
+
+
+def default_alignment(image_size: int) -> Alignment:
+    """The crop assumed for a checkpoint that names none: square, the seed's 32 px margin at 160 px, scaled."""
+    return Alignment("none", int(image_size), round(32 * image_size / 160))
 
 
 def umeyama_similarity(src, dst):
