@@ -336,6 +336,25 @@ def exact_image_end(reader: RecordIOReader, rounded_end: int) -> int:
     )
 
 
+def gather_record_words(rec_path, offsets: np.ndarray, num_bytes: int, chunk_size: int = _LABEL_CHUNK):
+    """For chunks of ``offsets``: (start, the chunk's offsets, words, fits), ``words`` the first ``num_bytes``
+    (a multiple of 4) at each offset as little-endian uint32, gathered by one numpy fancy index from a memory
+    map of the file (a page read per record, not the whole file); rows whose bytes would run past the end of
+    the file are zeros, with ``fits`` False."""
+    window = np.arange(num_bytes, dtype=np.int64)
+    with open(rec_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        buffer = np.frombuffer(mapped, dtype=np.uint8)
+        try:
+            for start in range(0, len(offsets), chunk_size):
+                chunk = offsets[start : start + chunk_size]
+                fits = chunk + num_bytes <= len(mapped)
+                words = np.zeros((len(chunk), num_bytes // 4), dtype="<u4")
+                words[fits] = buffer[chunk[fits, None] + window].view("<u4")
+                yield start, chunk, words, fits
+        finally:
+            del buffer  # the memory map cannot close while a numpy view of it exists
+
+
 def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
     """float64 label (a label vector's first value) of each record in `keys`, reading ~36 bytes per record.
 
@@ -346,33 +365,23 @@ def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.int64)
     offsets = reader.offsets_of(keys)
     labels = np.empty(len(keys), dtype=np.float64)
-    window = np.arange(_LABEL_WINDOW, dtype=np.int64)
-    with open(reader.rec_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        file_size = len(mapped)
-        buffer = np.frombuffer(mapped, dtype=np.uint8)
-        try:
-            for start in range(0, len(keys), _LABEL_CHUNK):
-                chunk = offsets[start : start + _LABEL_CHUNK]
-                fits = chunk + _LABEL_WINDOW <= file_size
-                words = np.zeros((len(chunk), _LABEL_WINDOW // 4), dtype="<u4")
-                words[fits] = buffer[chunk[fits, None] + window].view("<u4")
-                lrecord = words[:, 1]
-                length = (lrecord & MAX_PAYLOAD).astype(np.int64)
-                flag = words[:, 2].astype(np.int64)
-                good = (
-                    fits
-                    & (words[:, 0] == MAGIC)
-                    & (lrecord >> LENGTH_BITS == 0)
-                    & (length >= IMAGE_HEADER.size + 4 * flag)
-                    & (chunk + RECORD_HEAD.size + length <= file_size)
-                )
-                values = np.where(flag > 0, words[:, 8].view("<f4"), words[:, 3].view("<f4"))
-                labels[start : start + len(chunk)] = values
-                for row in np.flatnonzero(~good):
-                    header, _ = reader.read_header(int(keys[start + row]))
-                    labels[start + row] = float(header.label[0]) if header.flag > 0 else float(header.label)
-        finally:
-            del buffer  # the memory map cannot close while a numpy view of it exists
+    file_size = os.path.getsize(reader.rec_path)
+    for start, chunk, words, fits in gather_record_words(reader.rec_path, offsets, _LABEL_WINDOW):
+        lrecord = words[:, 1]
+        length = (lrecord & MAX_PAYLOAD).astype(np.int64)
+        flag = words[:, 2].astype(np.int64)
+        good = (
+            fits
+            & (words[:, 0] == MAGIC)
+            & (lrecord >> LENGTH_BITS == 0)
+            & (length >= IMAGE_HEADER.size + 4 * flag)
+            & (chunk + RECORD_HEAD.size + length <= file_size)
+        )
+        values = np.where(flag > 0, words[:, 8].view("<f4"), words[:, 3].view("<f4"))
+        labels[start : start + len(chunk)] = values
+        for row in np.flatnonzero(~good):
+            header, _ = reader.read_header(int(keys[start + row]))
+            labels[start + row] = float(header.label[0]) if header.flag > 0 else float(header.label)
     return labels
 
 

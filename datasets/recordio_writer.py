@@ -6,7 +6,6 @@ The format and the reader are in `datasets/recordio.py`; `datasets/pack_recordio
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import tempfile
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from datasets.recordio import (
     MAX_PAYLOAD,
     RECORD_HEAD,
     encode_record,
+    gather_record_words,
     index_path_for,
     pack_record,
     padded_length,
@@ -34,7 +34,6 @@ from errors import InputError
 
 # the header record insightface writes at key 0: a 24-byte header and a two-value label vector
 HEADER_RECORD_SIZE = RECORD_HEAD.size + IMAGE_HEADER.size + 8
-_HEAD_CHUNK = 1 << 16  # record heads gathered at once when a resume checks what an earlier run wrote
 
 
 class PackSummary(NamedTuple):
@@ -228,34 +227,25 @@ def _listed_offsets(idx_data: bytes, idx_path: str, rec_path: str) -> tuple[np.n
 def _whole_records(rec, offsets: np.ndarray, rec_size: int) -> int:
     """How many of the records listed at ``offsets`` are whole and follow each other from byte 0.
 
-    One numpy gather of the 8-byte record heads per chunk (a page read per record, not the whole file); a
-    record in parts (its payload held the magic number) is walked by ``_record_end``."""
+    The 8-byte record heads come from `gather_record_words`; a record in parts (its payload held the magic
+    number) is walked by ``_record_end``."""
     if len(offsets) == 0 or offsets[0] != 0 or rec_size < RECORD_HEAD.size:
         return 0
     # where each record must end: the next one's offset; the last may end anywhere up to the file's end
     ends = np.append(offsets[1:], -1)
-    window = np.arange(RECORD_HEAD.size, dtype=np.int64)
-    with mmap.mmap(rec.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        buffer = np.frombuffer(mapped, dtype=np.uint8)
-        try:
-            for start in range(0, len(offsets), _HEAD_CHUNK):
-                chunk, chunk_ends = offsets[start : start + _HEAD_CHUNK], ends[start : start + _HEAD_CHUNK]
-                fits = chunk + RECORD_HEAD.size <= rec_size
-                words = np.zeros((len(chunk), 2), dtype="<u4")
-                words[fits] = buffer[chunk[fits, None] + window].view("<u4")
-                magic, lrecord = words[:, 0], words[:, 1]
-                length = (lrecord & MAX_PAYLOAD).astype(np.int64)
-                record_end = chunk + RECORD_HEAD.size + ((length + 3) & ~3)  # padded_length, vectorised
-                whole = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 0) & (record_end <= rec_size)
-                whole &= (record_end == chunk_ends) | (chunk_ends < 0)
-                in_parts = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 1)
-                for row in np.flatnonzero(in_parts):
-                    end = _record_end(rec, int(chunk[row]), rec_size)
-                    whole[row] = end is not None and (end == chunk_ends[row] or chunk_ends[row] < 0)
-                if not whole.all():
-                    return start + int(np.argmin(whole))
-        finally:
-            del buffer  # the memory map cannot close while a numpy view of it exists
+    for start, chunk, words, fits in gather_record_words(rec.name, offsets, RECORD_HEAD.size):
+        chunk_ends = ends[start : start + len(chunk)]
+        magic, lrecord = words[:, 0], words[:, 1]
+        length = (lrecord & MAX_PAYLOAD).astype(np.int64)
+        record_end = chunk + RECORD_HEAD.size + ((length + 3) & ~3)  # padded_length, vectorised
+        whole = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 0) & (record_end <= rec_size)
+        whole &= (record_end == chunk_ends) | (chunk_ends < 0)
+        in_parts = fits & (magic == MAGIC) & (lrecord >> LENGTH_BITS == 1)
+        for row in np.flatnonzero(in_parts):
+            end = _record_end(rec, int(chunk[row]), rec_size)
+            whole[row] = end is not None and (end == chunk_ends[row] or chunk_ends[row] < 0)
+        if not whole.all():
+            return start + int(np.argmin(whole))
     return len(offsets)
 
 
