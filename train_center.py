@@ -21,7 +21,6 @@ from torch import nn
 
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.transforms import train_transform
-from errors import InputError
 from losses import CenterLoss
 from training.builders import build_embedding_model, build_optimizer, load_optimizer_state
 from training.cli import base_parser, parse_args, positive_float, run_script
@@ -140,11 +139,6 @@ class CenterTask(TrainingTask):
         }
 
     def load_checkpoint_extras(self, checkpoint: dict) -> None:
-        if checkpoint["num_classes"] != self.num_classes:
-            raise InputError(
-                f"--resume_path: the checkpoint was trained on {checkpoint['num_classes']} identities, "
-                f"the dataset has {self.num_classes}"
-            )
         load_optimizer_state(self.optimizers[1], checkpoint["optimizer_centerloss_state_dict"])
         self.center_loss.load_state_dict(checkpoint["center_loss_state_dict"])
 

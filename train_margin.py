@@ -230,11 +230,6 @@ class MarginTask(TrainingTask):
         }
 
     def load_checkpoint_extras(self, checkpoint: dict) -> None:
-        if checkpoint["num_classes"] != self.num_classes:
-            raise InputError(
-                f"--resume_path: the checkpoint was trained on {checkpoint['num_classes']} identities, "
-                f"the dataset has {self.num_classes}"
-            )
         self.classifier.load_full_state_dict(checkpoint["classifier_state_dict"], self.centers_optimizer())
 
 

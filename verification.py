@@ -57,6 +57,22 @@ def embed_dataset(
     return embeddings
 
 
+class NonFiniteEmbeddings(InputError):
+    """The model gave NaN or inf embeddings (its weights, or a precision too narrow for its activations)."""
+
+
+def check_finite_embeddings(embeddings: torch.Tensor, amp_dtype: torch.dtype | None) -> None:
+    """A NaN or inf embedding makes every distance it enters meaningless: name how many, not a later symptom."""
+    bad = int((~torch.isfinite(embeddings).all(dim=1)).sum())
+    if bad:
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp_dtype, "fp32")
+        hint = "; try --amp off" if amp_dtype is not None else ""
+        raise NonFiniteEmbeddings(
+            f"the model's embeddings of {bad} of {len(embeddings)} images are not finite (NaN or inf) "
+            f"in {precision}{hint}"
+        )
+
+
 def distances_of_pairs(embeddings, pairs) -> np.ndarray:
     """float64 Euclidean distance of each pair; ``pairs`` is (num_pairs, 2) row indices into ``embeddings``."""
     if isinstance(embeddings, torch.Tensor):
@@ -106,6 +122,7 @@ def evaluate_model_on_lfw(
         pin_memory=device.type == "cuda",
     )
     embeddings = embed_dataset(model, loader, device, amp_dtype=amp_dtype, flip=flip, progress=progress)
+    check_finite_embeddings(embeddings, amp_dtype)
     distances = distances_of_pairs(embeddings, dataset.pairs)
     num_folds = getattr(dataset, "num_folds", 10)
     if num_folds < 2:

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,47 @@ def test_an_epoch_never_ends_on_a_batch_of_one_image(tiny_demo_data, tmp_path, c
     err = capsys.readouterr().err
     assert "--batch_size 1: batch norm needs at least 2 images a step" in err and "Traceback" not in err
     assert not (tmp_path / "one").exists()
+
+
+def _one_epoch_checkpoint(data, tmp_path) -> Path:
+    assert run_main(center_args(data, tmp_path / "first", "--epochs", "1")) == 0
+    return tmp_path / "first" / "checkpoints" / "model_resnet18_center_epoch_1.pt"
+
+
+def test_checkpoints_that_cannot_resume_are_one_line_errors_naming_them(tiny_demo_data, tmp_path, capsys):
+    checkpoint = _one_epoch_checkpoint(tiny_demo_data, tmp_path)
+    # a dataset of 5 of the 6 identities: the classifier's rows would not fit
+    fewer = tmp_path / "fewer"
+    shutil.copytree(tiny_demo_data.train_dir, fewer)
+    shutil.rmtree(sorted(path for path in fewer.iterdir() if path.is_dir())[0])
+    resume = ["--resume_path", checkpoint, "--epochs", "2"]
+    args = center_args(tiny_demo_data, tmp_path / "unused", *resume)
+    args[args.index("--dataroot") + 1] = fewer
+    capsys.readouterr()
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: --resume_path: the checkpoint was trained on 6 identities, the dataset has 5" in err
+    assert "Traceback" not in err
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cases = {
+        "partial.pt": (
+            {key: saved[key] for key in ("model_state_dict", "format_version", "task")},
+            "an incomplete checkpoint (no model_architecture, embedding_dimension",
+        ),
+        "foreign.pt": (
+            {**saved, "model_state_dict": {"x": torch.zeros(1)}},
+            "does not fit this run (Missing key",
+        ),
+        "no_centers.pt": (
+            {key: value for key, value in saved.items() if key != "center_loss_state_dict"},
+            "does not fit this run (no 'center_loss_state_dict')",
+        ),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / name)
+        resume = ["--resume_path", tmp_path / name, "--epochs", "2"]
+        assert run_main(center_args(tiny_demo_data, tmp_path / "unused", *resume)) == 2, name
+        err = capsys.readouterr().err
+        assert f"error: --resume_path {tmp_path / name}: {message}" in err, err
+        assert len(err.strip().splitlines()) == 1, err

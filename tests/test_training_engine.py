@@ -17,6 +17,7 @@ import train_margin
 import train_triplet
 from datasets.samplers import PKBatchSampler
 from datasets.triplet_dataset import generate_triplets
+from errors import InputError
 from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
@@ -25,9 +26,10 @@ from training.checkpoint import latest_checkpoint
 from training.coordination import StopRequested
 from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
 from training.engine import MAX_CONSECUTIVE_NONFINITE, Trainer, TrainingDiverged, TrainingTask
-from training.records import EpochTotals
+from training.records import EpochTotals, History, plot_history
 from training.runtime import Runtime
 from training.step import StepOutput, backward_and_step, loss_for_ddp
+from training.validation import Validator
 
 # ------------------------------------------------------------------------------------------- samplers
 
@@ -414,7 +416,8 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     refused (its state would not fit)."""
     output_dir = tmp_path / "run"
     recipe = ["--optimizer", "sgd", "--lr", "0.01", "--margin", "0.5", "--num_triplets_train", "24",
-              "--batch_size", "8", "--lr_schedule", "constant", "--clip_grad_norm", "5"]  # fmt: skip
+              "--batch_size", "8", "--lr_schedule", "constant", "--clip_grad_norm", "5",
+              "--amp", "off"]  # fmt: skip
     assert (
         train_triplet.main(
             [str(a) for a in common_args(tiny_demo_data, output_dir)] + recipe + ["--epochs", "1"]
@@ -432,7 +435,7 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     second = final_checkpoint(output_dir, "triplet", 2)
     for flag, value in {"optimizer": "sgd", "lr": 0.01, "margin": 0.5, "seed": 3, "batch_size": 8,
                         "num_triplets_train": 24, "embedding_dim": 16, "image_size": 32,
-                        "clip_grad_norm": 5.0}.items():  # fmt: skip
+                        "clip_grad_norm": 5.0, "amp": "off"}.items():  # fmt: skip
         assert second["args"][flag] == value, flag
     assert [group["lr"] for group in second["optimizer_model_state_dict"]["param_groups"]] == [0.01]
     assert "momentum_buffer" in next(iter(second["optimizer_model_state_dict"]["state"].values()))
@@ -455,6 +458,16 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
     capsys.readouterr()
     assert resume(3, "--epochs", "4", "--optimizer", "adam") == 2
     assert "trains with --optimizer sgd, not adam" in capsys.readouterr().err
+    # every resume trained in the run's own precision (--amp off), not the default's (auto)
+    log_text = (output_dir / "train.log").read_text()
+    assert log_text.count("mixed precision off (--amp off)") == 4 and "--amp auto chose" not in log_text
+    # a run begun on a GPU in fp16 cannot continue on the CPU without a new --amp: said so, naming the file
+    third["args"]["amp"] = "fp16"
+    fp16_run = tmp_path / "fp16.pt"
+    torch.save(third, fp16_run)
+    argv = [*places, "--resume_path", fp16_run, "--epochs", "4"]
+    assert train_triplet.main([str(a) for a in argv]) == 2
+    assert f"--resume_path {fp16_run}: the run's --amp fp16 needs a CUDA device" in capsys.readouterr().err
 
 
 def test_data_workers_give_a_reproducible_run(tiny_demo_data, tmp_path):
@@ -608,6 +621,96 @@ def test_a_stop_request_during_validation_ends_the_run_after_that_epochs_checkpo
     assert train_triplet.main([str(a) for a in argv]) == status
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["model_resnet18_triplet_epoch_1.pt"]  # no step of epoch 2 ran
+
+
+def _two_epochs_failing_validation(tiny_demo_data, output_dir):
+    argv = [*common_args(tiny_demo_data, output_dir), "--epochs", "2", "--num_triplets_train", "24",
+            "--batch_size", "8", "--lr_schedule", "constant"]  # fmt: skip
+    return train_triplet.main([str(a) for a in argv])
+
+
+def test_a_validation_that_fails_keeps_the_trained_epoch(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    """An unreadable pairs image found after hours of training: the epoch's checkpoint and log row are
+    written before the one-line error, and resuming from it goes on."""
+    real_call = Validator.__call__
+
+    def fail_at_epoch_2(self, model, epoch):
+        if epoch == 2:
+            raise InputError("LFW image unreadable: lfw/x/x_0001.png (OSError: image file is truncated)")
+        return real_call(self, model, epoch)
+
+    monkeypatch.setattr(Validator, "__call__", fail_at_epoch_2)
+    output_dir = tmp_path / "run"
+    assert _two_epochs_failing_validation(tiny_demo_data, output_dir) == 2
+    assert "error: LFW image unreadable" in capsys.readouterr().err
+    checkpoint = final_checkpoint(output_dir, "triplet", 2)
+    assert checkpoint["epoch"] == 2 and checkpoint["history"]["validated_epochs"] == [1]
+    with open(output_dir / "training_log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert rows[0]["accuracy_mean"] and not rows[1]["accuracy_mean"]
+    assert "the epoch is saved without it" in (output_dir / "train.log").read_text()
+
+
+def test_nonfinite_embeddings_at_validation_stop_the_run_after_saving_the_epoch(
+    tiny_demo_data, tmp_path, monkeypatch
+):
+    import verification
+
+    real_embed = verification.embed_dataset
+
+    def one_nan_row(*args, **kwargs):
+        embeddings = real_embed(*args, **kwargs).clone()
+        embeddings[3] = float("nan")
+        return embeddings
+
+    monkeypatch.setattr(verification, "embed_dataset", one_nan_row)
+    output_dir = tmp_path / "run"
+    assert _two_epochs_failing_validation(tiny_demo_data, output_dir) == 3
+    log_text = (output_dir / "train.log").read_text()
+    assert "stopping: after epoch 1, LFW: the model's embeddings of 1 of " in log_text
+    assert final_checkpoint(output_dir, "triplet", 1)["epoch"] == 1
+
+
+def test_check_finite_embeddings_counts_the_bad_rows_and_names_the_precision():
+    from verification import NonFiniteEmbeddings, check_finite_embeddings
+
+    embeddings = torch.ones(10, 4)
+    check_finite_embeddings(embeddings, None)  # finite: nothing raised
+    embeddings[2, 1] = float("inf")
+    embeddings[7] = float("nan")
+    with pytest.raises(
+        NonFiniteEmbeddings, match="embeddings of 2 of 10 images are not finite .* in bf16; try --amp off"
+    ):
+        check_finite_embeddings(embeddings, torch.bfloat16)
+
+
+def test_each_targets_accuracies_keep_their_epochs_when_a_resume_changes_the_targets(tmp_path, monkeypatch):
+    import plots
+
+    history = History()
+    for epoch in (1, 2, 3):
+        history.validated_epochs.append(epoch)
+        history.record_target("lfw", epoch, 0.7 + epoch / 100, 0.01, primary=True)
+        history.record_target("cfp_fp", epoch, 0.6 + epoch / 100, 0.02, primary=False)
+    for epoch in (4, 5):  # resumed with --val_targets cfp_fp.bin only
+        history.validated_epochs.append(epoch)
+        history.record_target("cfp_fp", epoch, 0.6 + epoch / 100, 0.02, primary=True)
+    assert history.target_series("lfw") == ([1, 2, 3], [0.71, 0.72, 0.73], [0.01] * 3)
+    assert history.target_series("cfp_fp")[0] == [1, 2, 3, 4, 5]
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_accuracy_lfw", lambda *args, **kwargs: drawn.update(args=args, **kwargs))
+    plot_history(history, tmp_path)
+    assert drawn["name"] == "cfp_fp" and list(drawn["args"][0]) == [1, 2, 3, 4, 5]
+    assert drawn["others"] == {"lfw": ([1, 2, 3], [0.71, 0.72, 0.73])}
+    # a checkpoint from before targets kept their epochs: the old values line up with the last epochs
+    legacy = History(validated_epochs=[1, 2, 3, 4], accuracies=[0.5] * 4, accuracy_stds=[0.1] * 4,
+                     target_accuracies={"lfw": [0.5] * 4, "cfp_fp": [0.6, 0.7]})  # fmt: skip
+    legacy.validated_epochs.append(5)
+    legacy.record_target("lfw", 5, 0.8, 0.1, primary=True)
+    legacy.record_target("cfp_fp", 5, 0.9, 0.2, primary=False)
+    assert legacy.target_series("cfp_fp")[:2] == ([3, 4, 5], [0.6, 0.7, 0.9])
+    assert legacy.target_series("lfw") == ([1, 2, 3, 4, 5], [0.5] * 4 + [0.8], None)
 
 
 def test_restarts_on_torchruns_shared_store_get_the_workaround_named():

@@ -100,12 +100,34 @@ def load_resume_checkpoint(path: str, args: argparse.Namespace, task_name: str) 
             f"--resume_path {path}: not a resumable checkpoint of this repository; "
             "use it for evaluation with validate_on_LFW.py"
         )
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise InputError(f"--resume_path {path}: an incomplete checkpoint (no {', '.join(missing)})")
     if checkpoint["task"] != task_name:
         raise InputError(
             f"--resume_path {path}: a {checkpoint['task']} checkpoint cannot resume {task_name} training"
         )
     adopt_resumed_settings(checkpoint, args)
     return checkpoint
+
+
+# what resuming reads besides the model's weights and the task's own extras
+RESUME_KEYS = (
+    "model_architecture", "embedding_dimension", "image_size", "normalization", "epoch", "step_in_epoch",
+    "batch_size_training", "optimizer_model_state_dict", "grad_scaler_state_dict", "best_distance_threshold",
+    "history", "partial_epoch",
+)  # fmt: skip
+
+
+def state_error(error: Exception) -> str:
+    """Why a checkpoint's state did not load, in one line (load_state_dict's first mismatch, a missing key)."""
+    if isinstance(error, KeyError):
+        return f"no {error.args[0]!r}" if error.args else "a missing key"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    detail = lines[0] if lines else type(error).__name__
+    return detail if len(detail) <= 200 else detail[:197] + "..."
 
 
 def is_plain_flag_value(value) -> bool:
@@ -120,7 +142,7 @@ def is_plain_flag_value(value) -> bool:
 # --lr or more --epochs take effect; the optimizer itself cannot change, its state would not fit)
 RESUMED_RECIPE = (
     "epochs", "seed", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
-    "freeze_backbone_epochs", "clip_grad_norm",
+    "freeze_backbone_epochs", "clip_grad_norm", "amp",
     # train_triplet.py
     "triplet_selection", "margin", "identities_per_batch", "images_per_identity", "num_triplets_train",
     "num_human_identities_per_batch", "selection_pass",

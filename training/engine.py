@@ -16,32 +16,30 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 import eval_metrics
 from datasets.transforms import mean_and_std, normalization_entry
 from errors import InputError, user_error
-from fileio import save_torch_atomic, write_json_atomic
+from fileio import save_torch_atomic
 from losses.partial_fc import mix_seed
 from training.builders import LearningRateSchedule, load_optimizer_state
 from training.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     check_resume_position,
     checkpoint_path,
-    claim_output_dir,
-    default_output_dir,
     is_plain_flag_value,
-    latest_checkpoint,
     load_resume_checkpoint,
     release_output_dir,
     resumed_changes,
+    state_error,
 )
-from training.cli import check_common_args, prepare_demo_data, was_given
+from training.cli import check_common_args, was_given
 from training.coordination import FailureWatch, StopRequested, agree_on_step, agree_to_stop
 from training.finetune import load_initial_weights, set_backbone_frozen, settle_run_settings
 from training.records import EpochTotals, History, append_csv_row, plot_history
+from training.run_folder import agreed_latest_checkpoint, prepare_output
 from training.runtime import (
     Runtime,
     barrier,
@@ -50,10 +48,12 @@ from training.runtime import (
     log,
     precision_note,
     seed_everything,
+    set_precision,
     setup_runtime,
 )
 from training.step import StepOutput, backward_and_step, loss_for_ddp
 from training.validation import Validator
+from verification import NonFiniteEmbeddings
 
 # a run stops when this many steps in a row had a non-finite loss
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -104,8 +104,18 @@ class TrainingTask:
             p for optimizer in self.optimizers for group in optimizer.param_groups for p in group["params"]
         ]
 
+    num_classes: int | None = None  # the identities of a classifier (center loss, margin softmax)
+
     def checkpoint_extras(self) -> dict:
         return {}
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint this task cannot continue, before any of its weights are loaded."""
+        if self.num_classes is not None and checkpoint.get("num_classes") != self.num_classes:
+            raise InputError(
+                f"--resume_path: the checkpoint was trained on {checkpoint.get('num_classes')} identities, "
+                f"the dataset has {self.num_classes}"
+            )
 
     def load_checkpoint_extras(self, checkpoint: dict) -> None:
         pass
@@ -229,20 +239,28 @@ class Trainer:
                     older.unlink(missing_ok=True)
 
     def resume(self, checkpoint: dict) -> None:
-        task = self.task
         check_resume_position(checkpoint, self.args, self.runtime)
-        task.model.load_state_dict(checkpoint["model_state_dict"])
-        load_optimizer_state(task.optimizers[0], checkpoint["optimizer_model_state_dict"])
-        # a run saved without fp16 (bf16 or fp32, or on another machine under --amp auto) has no loss scale
-        # to restore, and an fp16 run resumed from it starts from the scaler's default
-        if checkpoint["grad_scaler_state_dict"]:
-            self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
-        task.load_checkpoint_extras(checkpoint)
-        self.best_distance_threshold = checkpoint["best_distance_threshold"]
-        self.history = History(**checkpoint["history"])
-        self.start_epoch = checkpoint["epoch"]
-        self.start_step = checkpoint["step_in_epoch"]
-        self.resumed_totals = EpochTotals(**checkpoint["partial_epoch"])
+        self.task.check_checkpoint(checkpoint)
+        try:
+            self.load_state(checkpoint)
+        except (
+            KeyError,
+            RuntimeError,
+            ValueError,
+            TypeError,
+        ) as error:  # a checkpoint edited or from elsewhere
+            if isinstance(error, InputError):
+                raise
+            raise InputError(
+                f"--resume_path {self.args.resume_path}: does not fit this run ({state_error(error)})"
+            ) from None
+        previous = self.history.primary_target or next(iter(self.history.target_accuracies), None)
+        current = next(iter(self.validator.targets), None) if self.validator is not None else None
+        if previous is not None and current is not None and previous != current:
+            log.warning(
+                f"the run was validated on {previous} first, now on {current}: the checkpoints' "
+                f"best_distance_threshold and the accuracy plot's main line follow {current} from now on"
+            )
         if self.start_epoch >= self.args.epochs:  # --resume_path auto on a finished run lands here too
             log.info(
                 f"resumed from {self.args.resume_path}: the run has all of its {self.start_epoch} epochs "
@@ -256,6 +274,22 @@ class Trainer:
         changes = resumed_changes(checkpoint, self.args)
         if changes:
             log.info(f"changed on the command line: {', '.join(changes)}")
+
+    def load_state(self, checkpoint: dict) -> None:
+        """The weights, optimizer and scaler states, the task's extras, history and position."""
+        task = self.task
+        task.model.load_state_dict(checkpoint["model_state_dict"])
+        load_optimizer_state(task.optimizers[0], checkpoint["optimizer_model_state_dict"])
+        # a run saved without fp16 (bf16 or fp32, or on another machine under --amp auto) has no loss scale
+        # to restore, and an fp16 run resumed from it starts from the scaler's default
+        if checkpoint["grad_scaler_state_dict"]:
+            self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
+        task.load_checkpoint_extras(checkpoint)
+        self.best_distance_threshold = checkpoint["best_distance_threshold"]
+        self.history = History(**checkpoint["history"])
+        self.start_epoch = checkpoint["epoch"]
+        self.start_step = checkpoint["step_in_epoch"]
+        self.resumed_totals = EpochTotals(**checkpoint["partial_epoch"])
 
     # ----- training
 
@@ -369,11 +403,24 @@ class Trainer:
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
         self.check_finite_state(completed)
         if self.runtime.is_main:  # the other processes wait for it in the checkpoint's collectives
-            if validate:
-                row.update(self.validate(completed))
-            append_csv_row(self.output_dir / "training_log.csv", row)
-            plot_history(self.history, self.output_dir / "plots")
+            try:
+                if validate:
+                    row.update(self.validate(completed))
+            except Exception:
+                # an unreadable pairs image, a model whose embeddings overflow: the trained epoch is kept
+                self.record_epoch(row)
+                path = self.save(completed)
+                log.error(
+                    f"validation after epoch {completed} failed (below); the epoch is saved without it in "
+                    f"{path}: resume from it with --resume_path once that is fixed"
+                )
+                raise
+            self.record_epoch(row)
         self.save(completed)
+
+    def record_epoch(self, row: dict) -> None:
+        append_csv_row(self.output_dir / "training_log.csv", row)
+        plot_history(self.history, self.output_dir / "plots")
 
     def check_finite_state(self, completed: int) -> None:
         """Weights or batch-norm statistics that are not finite (a finite loss can still come with an inf
@@ -392,15 +439,20 @@ class Trainer:
         """Run the validator; remember accuracies and the primary target's threshold; return the log row's
         columns: the primary target's whole summary, and accuracy and ROC AUC of every other target."""
         row: dict[str, float] = {}
-        results = self.validator(self.task.model, completed)
+        try:
+            results = self.validator(self.task.model, completed)
+        except NonFiniteEmbeddings as error:
+            raise TrainingDiverged(
+                f"stopping: after epoch {completed}, {error} (the weights are finite; a lower --lr may help)"
+            ) from None
         self.history.validated_epochs.append(completed)
         for index, (name, metrics) in enumerate(results.items()):
             summary = eval_metrics.metrics_summary(metrics)
-            self.history.target_accuracies.setdefault(name, []).append(float(summary["accuracy_mean"]))
+            self.history.record_target(
+                name, completed, float(summary["accuracy_mean"]), float(summary["accuracy_std"]), index == 0
+            )
             if index == 0:
                 self.best_distance_threshold = float(summary["best_distance_threshold_mean"])
-                self.history.accuracies.append(float(summary["accuracy_mean"]))
-                self.history.accuracy_stds.append(float(summary["accuracy_std"]))
                 row.update(summary)
             else:
                 for key in ("accuracy_mean", "accuracy_std", "roc_auc"):
@@ -435,44 +487,6 @@ class Trainer:
         if self.start_epoch < self.args.epochs:
             log.info(f"training finished; checkpoints, log and plots in {self.output_dir}")
         return 0
-
-
-def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, resuming: bool):
-    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process; and
-    whether the folder was "new" or "empty" before (None: it held a run, or this is not the main process)."""
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, task_name)
-    if runtime.distributed:  # rank 0 names the folder: the others' clocks may be a second later
-        chosen = [str(output_dir)]
-        dist.broadcast_object_list(chosen, src=0)
-        output_dir = Path(chosen[0])
-    args.output_dir = str(output_dir)
-    if args.demo:  # one process per machine generates it (demo_data/ may not be on a shared disk)
-        if runtime.local_rank == 0:
-            prepare_demo_data(args)
-        barrier(runtime)  # the other ranks find it generated
-        if runtime.local_rank != 0:
-            prepare_demo_data(args)
-    run_config = {"task": task_name, **vars(args)}
-    validator = None
-    fresh = None
-    if runtime.is_main:
-        fresh = "new" if not output_dir.exists() else None if any(output_dir.iterdir()) else "empty"
-        claim_output_dir(output_dir, run_config, resuming=resuming)
-        validator = Validator(args, runtime, output_dir)  # reads the pairs files: fails before any writing
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_config, run_config_path(output_dir))
-    barrier(runtime)
-    return output_dir, validator, fresh
-
-
-def run_config_path(output_dir: Path) -> Path:
-    """``run_config.json`` for a run's first start; each resume adds ``run_config_resume_<k>.json``, so the
-    settings a run began with are never replaced by a resumed run's."""
-    path, resumes = output_dir / "run_config.json", 0
-    while path.exists():
-        resumes += 1
-        path = output_dir / f"run_config_resume_{resumes}.json"
-    return path
 
 
 def run_training(args: argparse.Namespace, task_class: type[TrainingTask]) -> int:
@@ -520,6 +534,11 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
     resume_checkpoint = (
         load_resume_checkpoint(args.resume_path, args, task_class.name) if args.resume_path else None
     )
+    if resume_checkpoint is not None and not was_given(args, "amp"):
+        try:  # the run's own --amp, adopted from the checkpoint
+            set_precision(runtime, args)
+        except InputError as error:
+            raise InputError(f"--resume_path {args.resume_path}: the run's {error}") from None
     init_source = settle_run_settings(args, resume_checkpoint)  # --init_from decides model and preprocessing
     output_dir, validator, fresh = prepare_output(
         args, runtime, task_class.name, resuming=resume_checkpoint is not None or auto_resume
@@ -548,17 +567,3 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
         if fresh and (trainer is None or trainer.steps_completed == 0):
             release_output_dir(output_dir, remove_folder=fresh == "new")
         raise
-
-
-def agreed_latest_checkpoint(args: argparse.Namespace, task_name: str, runtime: Runtime) -> str | None:
-    """--resume_path auto: the newest complete checkpoint of --output_dir as rank 0 sees it, or None."""
-    latest = [None]
-    if runtime.is_main:
-        # the model named on the command line, or any (an --init_from run's is the checkpoint's)
-        model = args.model if was_given(args, "model") else None
-        batch_size = args.batch_size if was_given(args, "batch_size") else None  # else the checkpoint's
-        found = latest_checkpoint(Path(args.output_dir), model, task_name, runtime.world_size, batch_size)
-        latest = [None if found is None else str(found)]
-    if runtime.distributed:
-        dist.broadcast_object_list(latest, src=0)
-    return latest[0]

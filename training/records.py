@@ -34,6 +34,35 @@ class History:
     accuracy_stds: list[float] = field(default_factory=list)
     # every verification target's accuracy per validated epoch (the primary one included), by name
     target_accuracies: dict[str, list[float]] = field(default_factory=dict)
+    # the epochs each target was validated at, and its std over folds; the primary target of the latest
+    # validation (a resumed run may change its targets; checkpoints from before these lack them)
+    target_epochs: dict[str, list[int]] = field(default_factory=dict)
+    target_stds: dict[str, list[float]] = field(default_factory=dict)
+    primary_target: str | None = None
+
+    def record_target(self, name: str, epoch: int, accuracy: float, std: float, primary: bool) -> None:
+        for series, value in (
+            (self.target_accuracies, accuracy),
+            (self.target_epochs, epoch),
+            (self.target_stds, std),
+        ):
+            series.setdefault(name, []).append(value)
+        if primary:
+            self.primary_target = name
+            self.accuracies.append(accuracy)
+            self.accuracy_stds.append(std)
+
+    def target_series(self, name: str) -> tuple[list[int], list[float], list[float] | None]:
+        """(epochs, accuracies, stds or None) of one target. Values recorded before targets kept their
+        epochs are lined up with the last validated epochs before the first one that did."""
+        values = self.target_accuracies[name]
+        epochs = self.target_epochs.get(name, [])
+        older = len(values) - len(epochs)
+        if older:
+            before = [epoch for epoch in self.validated_epochs if not epochs or epoch < epochs[0]]
+            epochs = before[-older:] + epochs
+        stds = self.target_stds.get(name)
+        return epochs, values, stds if stds is not None and len(stds) == len(values) else None
 
 
 def append_csv_row(path: Path, row: dict) -> None:
@@ -74,18 +103,26 @@ def plot_history(history: History, plots_dir: Path) -> None:
     its spread over folds, the other verification targets as further lines)."""
     plots.plot_training_loss(history.epochs, history.losses, plots_dir / "training_loss.png")
     if history.validated_epochs:
-        names = list(history.target_accuracies) or ["lfw"]
-        # targets validated from a resumed run's first validation on line up with the last epochs
-        others = {
-            name: (history.validated_epochs[-len(values) :], values)
-            for name, values in history.target_accuracies.items()
-            if name != names[0]
-        }
+        if not history.target_accuracies:  # a checkpoint from before targets were kept by name
+            epochs, accuracies, stds, primary = (
+                history.validated_epochs,
+                history.accuracies,
+                history.accuracy_stds,
+                "lfw",
+            )
+        else:
+            primary = history.primary_target or next(iter(history.target_accuracies))
+            epochs, accuracies, stds = history.target_series(primary)
+        others = {}
+        for name in history.target_accuracies:
+            if name != primary:
+                other_epochs, other_accuracies, _ = history.target_series(name)
+                others[name] = (other_epochs, other_accuracies)
         plots.plot_accuracy_lfw(
-            history.validated_epochs,
-            history.accuracies,
+            epochs,
+            accuracies,
             plots_dir / "lfw_accuracies.png",
-            stds=history.accuracy_stds,
+            stds=stds,
             others=others,
-            name="LFW" if names[0] == "lfw" else names[0],
+            name="LFW" if primary == "lfw" else primary,
         )

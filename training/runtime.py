@@ -74,15 +74,15 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30)
         )
-    return Runtime(
-        device,
-        rank,
-        world_size,
-        local_rank,
-        amp_dtype=resolve_amp(args.amp, device),
-        eval_amp_dtype=resolve_amp(args.amp, device, training=False),
-        local_world_size=local_world_size,
-    )
+    runtime = Runtime(device, rank, world_size, local_rank, local_world_size=local_world_size)
+    set_precision(runtime, args)
+    return runtime
+
+
+def set_precision(runtime: Runtime, args: argparse.Namespace) -> None:
+    """The autocast dtypes of ``args.amp`` on this device (again, once a resumed run adopted its --amp)."""
+    runtime.amp_dtype = resolve_amp(args.amp, runtime.device)
+    runtime.eval_amp_dtype = resolve_amp(args.amp, runtime.device, training=False)
 
 
 def restart_store_warning(environ) -> str | None:

@@ -15,7 +15,7 @@ from datasets.transforms import eval_transform, mean_and_std
 from datasets.verification_bin import VerificationBinDataset
 from devices import usable_workers
 from training.runtime import Runtime, log
-from verification import check_pair_labels, evaluate_model_on_lfw
+from verification import NonFiniteEmbeddings, check_pair_labels, evaluate_model_on_lfw
 
 
 def verification_targets(args: argparse.Namespace) -> dict[str, object]:
@@ -47,16 +47,19 @@ class Validator:
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, eval_metrics.LFWMetrics]:
         results = {}
         for name, dataset in self.targets.items():
-            metrics, _ = evaluate_model_on_lfw(
-                model,
-                dataset,
-                self.runtime.device,
-                batch_size=self.args.lfw_batch_size,
-                num_workers=usable_workers(self.args.num_workers, self.runtime.local_world_size),
-                amp_dtype=self.runtime.eval_amp_dtype,
-                progress=sys.stderr.isatty(),
-            )
             label = "LFW" if name == "lfw" else name
+            try:
+                metrics, _ = evaluate_model_on_lfw(
+                    model,
+                    dataset,
+                    self.runtime.device,
+                    batch_size=self.args.lfw_batch_size,
+                    num_workers=usable_workers(self.args.num_workers, self.runtime.local_world_size),
+                    amp_dtype=self.runtime.eval_amp_dtype,
+                    progress=sys.stderr.isatty(),
+                )
+            except NonFiniteEmbeddings as error:
+                raise NonFiniteEmbeddings(f"{label}: {error}") from None
             for line in eval_metrics.format_metrics(metrics, label):
                 log.info(line)
             prefix = "" if name == "lfw" else f"{name}_"
