@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import torch
 
 from datasets.image_files import DECODE_ERRORS, IMAGE_EXTENSIONS, is_recordio, load_image
 from errors import InputError, first_line
@@ -391,8 +392,11 @@ class FaceImageLoader:
         label = int(self.table.labels[row])
         candidates = self._groups.rows(label)
         candidates = candidates[candidates != row]
-        rng = np.random.default_rng([row, self.num_loads])
-        candidates = rng.permutation(candidates)
+        # the order is drawn from torch's generator, which the trainer seeds per sample (training.data.
+        # SeededSamples): a replacement depends on (seed, epoch, index) only, not on which worker loads it or
+        # what it loaded before, so a resumed epoch sees the uninterrupted one's images
+        order = torch.randperm(len(candidates)).numpy()
+        candidates = candidates[order]
         # rows to avoid (e.g. the positive of the same triplet) go last, used only if nothing else decodes
         avoid = np.asarray(list(avoid), dtype=np.int64)
         candidates = np.concatenate(

@@ -128,7 +128,8 @@ def _scan_folder(dataroot: str, name: str, verify: bool) -> _Folder:
         raise InputError(f"cannot list {folder}: {error.strerror or error}") from None
     for entry in entries:
         stem, ext = os.path.splitext(entry.name)
-        if ext.lower() not in IMAGE_EXTENSIONS or not entry.is_file():
+        # hidden files (macOS's ._<name>.jpg metadata twins, .DS_Store) are not images, whatever their ending
+        if ext.lower() not in IMAGE_EXTENSIONS or entry.name.startswith(".") or not entry.is_file():
             num_skipped += 1
         elif verify and not _decodes(entry.path):
             bad.append(entry.path)

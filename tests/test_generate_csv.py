@@ -28,13 +28,21 @@ def brute_force_rows(root):
         for d in os.listdir(root)
         if os.path.isdir(os.path.join(root, d))
         and not d.startswith(".")
-        and any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in os.listdir(os.path.join(root, d)))
+        and any(
+            os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith(".")
+            for f in os.listdir(os.path.join(root, d))
+        )
     )
     rows = []
     for label, name in enumerate(identities):
         for file in sorted(os.listdir(os.path.join(root, name))):
             stem, ext = os.path.splitext(file)
-            if ext.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, name, file)):
+            hidden = file.startswith(".")
+            if (
+                ext.lower() in IMAGE_SUFFIXES
+                and not hidden
+                and os.path.isfile(os.path.join(root, name, file))
+            ):
                 rows.append([stem, name, str(label), ext])
     return rows
 
@@ -46,6 +54,7 @@ def messy_tree(make_face_tree):
     (root / "README.txt").write_text("top-level file")
     (root / "id_001" / "notes.txt").write_text("not an image")
     (root / "id_001" / ".DS_Store").write_bytes(b"\0")
+    (root / "id_001" / "._img_00.jpg").write_bytes(b"\0\5\26\7")  # macOS's metadata twin of an image
     (root / "id_002" / "nested").mkdir()
     (root / "zz_empty").mkdir()
     (root / ".hidden_identity").mkdir()
@@ -59,9 +68,9 @@ def test_rows_match_a_brute_force_listing(messy_tree, tmp_path):
     header, rows = read_rows(csv_path)
     assert header == ["id", "name", "class", "ext"]
     assert rows == brute_force_rows(messy_tree)
-    # skipped: README.txt and .hidden_identity at the top; notes.txt, .DS_Store and nested/ inside identities.
-    # zz_empty is an identity folder without images: nothing skipped, but it gets no class
-    assert summary == CsvSummary(num_images=8, num_identities=4, num_skipped_files=5, bad_images=[])
+    # skipped: README.txt and .hidden_identity at the top; notes.txt, .DS_Store, ._img_00.jpg and nested/
+    # inside identities. zz_empty is an identity folder without images: nothing skipped, but it gets no class
+    assert summary == CsvSummary(num_images=8, num_identities=4, num_skipped_files=6, bad_images=[])
     assert {row[1] for row in rows} == {"id_000", "id_001", "id_002", "id_003"}
     assert {row[3] for row in rows} == {".jpg", ".png", ".JPEG"}
 

@@ -204,6 +204,31 @@ def test_a_bad_image_is_replaced_by_the_same_identity_and_logged(tiny_face_csv, 
     assert loader.num_bad == 2
 
 
+def test_a_replacement_depends_on_the_samples_seed_not_on_what_the_process_loaded_before(
+    make_face_tree, tmp_path
+):
+    """The trainer seeds torch per sample (seed, epoch, index): a resumed epoch, or another worker, must
+    replace a bad image by the same one the uninterrupted run used."""
+    from datasets.generate_csv_files import generate_csv
+
+    root = make_face_tree(counts=(2, 8))
+    generate_csv(root, tmp_path / "faces.csv")
+    table = read_face_csv(root, tmp_path / "faces.csv")
+    corrupt(root / "id_001" / "img_00.jpg")
+    bad_row = 2
+
+    def replacement(seed: int, loads_before: int) -> bytes:
+        loader = FaceImageLoader(table)
+        for _ in range(loads_before):
+            loader(0)
+        torch.manual_seed(seed)
+        return np.asarray(loader(bad_row)).tobytes()
+
+    for seed in (0, 1, 2):
+        assert replacement(seed, 0) == replacement(seed, 1) == replacement(seed, 5)
+    assert len({replacement(seed, 0) for seed in range(8)}) > 1  # still a random one of the identity
+
+
 def test_an_identity_without_readable_images_stops_with_an_input_error(tiny_face_csv):
     root, csv_path = tiny_face_csv
     table = read_face_csv(root, csv_path)

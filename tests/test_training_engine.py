@@ -101,6 +101,23 @@ def test_repeats_within_a_p_x_k_batch_get_their_own_augmentation():
         assert [samples[item][0].item() for item in batch] == indices
 
 
+def test_any_seed_the_command_line_accepts_seeds_the_samples():
+    from training.runtime import epoch_seed
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    largest = SeededSamples(Draw(), epoch_seed(2**32 - 1, 7))  # --seed's upper bound: past 64 bits here
+    assert torch.equal(largest[2], largest[2]) and not torch.equal(largest[2], largest[3])
+    small = SeededSamples(Draw(), epoch_seed(3, 1))  # seeds that fit keep the draws they had
+    torch.manual_seed(epoch_seed(3, 1) * 1_000_003 + 2)
+    assert torch.equal(small[2], torch.rand(3))
+
+
 def test_shard_sampler_starts_mid_share():
     full = list(ShardSampler(20, 1, 2, shuffle=True, seed=3))
     resumed = ShardSampler(20, 1, 2, start=4, shuffle=True, seed=3)

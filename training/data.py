@@ -205,8 +205,8 @@ class SeededSamples(Dataset):
         generator = torch.default_generator
         saved = generator.get_state()
         # (torch's CPU generator keeps 32 bits of the seed: a repeat moves it by a large odd step, far from the
-        # neighbouring indices' seeds)
-        generator.manual_seed(self.seed * 1_000_003 + int(index) + int(repeat) * 1_000_000_007)
+        # neighbouring indices' seeds; manual_seed takes at most 64 bits, which a large --seed passes)
+        generator.manual_seed((self.seed * 1_000_003 + int(index) + int(repeat) * 1_000_000_007) % 2**64)
         try:
             return self.dataset[index]
         finally:
