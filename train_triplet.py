@@ -28,7 +28,15 @@ from datasets.triplet_dataset import TripletFaceDataset
 from errors import InputError
 from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
 from training.builders import build_embedding_model, build_optimizer
-from training.cli import base_parser, parse_args, positive_float, positive_int, run_script, was_given
+from training.cli import (
+    base_parser,
+    boolean_text,
+    parse_args,
+    positive_float,
+    positive_int,
+    run_script,
+    was_given,
+)
 from training.data import (
     DistinctRepeats,
     ImagesToDevice,
@@ -40,7 +48,7 @@ from training.data import (
     stack_triplets,
 )
 from training.engine import TrainingTask, run_training
-from training.runtime import Runtime
+from training.runtime import Runtime, log
 from training.step import StepOutput
 
 PREGENERATED_RULES = ("hard", "semihard")
@@ -66,6 +74,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1_100_000,
         help="triplets per epoch (online mining: an epoch has as many steps as these triplets would)",
+    )
+    triplets.add_argument(
+        "--iterations_per_epoch",
+        type=positive_int,
+        default=None,
+        help="the 2021 original's measure of an epoch: its steps; sets --num_triplets_train to this x "
+        "--batch_size and, like the original, pre-generated triplets unless --triplet_selection says",
+    )
+    triplets.add_argument(
+        "--use_semihard_negatives",
+        type=boolean_text,
+        default=None,
+        metavar="{True,False}",
+        help="the 2021 original's switch: True is --triplet_selection semihard, False is hard",
     )
     triplets.add_argument(
         "--training_triplets_path",
@@ -122,8 +144,26 @@ def resolve_batch_composition(args: argparse.Namespace) -> None:
     Pre-generated triplets stay the rule of a run that names their flags, so the original's command
     lines keep their meaning; anything else mines online, P x K = --batch_size images a step.
     """
+    if args.use_semihard_negatives is not None:
+        rule = "semihard" if args.use_semihard_negatives else "hard"
+        if args.triplet_selection not in (None, rule):
+            raise InputError(
+                f"--use_semihard_negatives {args.use_semihard_negatives} means --triplet_selection {rule}, "
+                f"not {args.triplet_selection}; give one of them"
+            )
+        args.triplet_selection = rule
+    if args.iterations_per_epoch is not None:
+        if was_given(args, "num_triplets_train"):
+            raise InputError(
+                "--iterations_per_epoch and --num_triplets_train both set an epoch's length; give one of them"
+            )
+        args.num_triplets_train = args.iterations_per_epoch * args.batch_size
     if args.triplet_selection is None:
-        pregenerated = args.training_triplets_path is not None or args.num_human_identities_per_batch
+        pregenerated = (
+            args.training_triplets_path is not None
+            or args.num_human_identities_per_batch
+            or args.iterations_per_epoch is not None
+        )
         args.triplet_selection = "hard" if pregenerated else "batch_all"
     if args.training_triplets_path is not None and args.triplet_selection in ONLINE_RULES:
         raise InputError(
@@ -251,6 +291,16 @@ class TripletTask(TrainingTask):
         super().__init__(args, runtime)
         resolve_batch_composition(args)
         self.online = args.triplet_selection in ONLINE_RULES
+        if (
+            args.triplet_selection == "batch_all"
+            and was_given(args, "num_triplets_train")
+            and not was_given(args, "triplet_selection")
+        ):
+            log.info(
+                f"--num_triplets_train {args.num_triplets_train}: online batch-all mining, the default since the "
+                "original, counts it in images (--batch_size images a step); --triplet_selection hard trains "
+                "the original's random triplets"
+            )
         csv_path = ensure_dataset_csv(args, runtime)
         transform = train_transform(args.image_size, normalize=False)  # normalised on the device
         self.to_device = ImagesToDevice(runtime.device, args.normalization)

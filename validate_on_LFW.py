@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,17 @@ def output_paths(output_dir: Path, flip: bool, target: str = "lfw") -> tuple[Pat
     return output_dir / f"{target}_metrics{suffix}.json", output_dir / f"{target}_roc{suffix}.png"
 
 
+def check_writable_folder(output_dir: Path) -> None:
+    """--output_dir is a folder, or can be made as one, where this process may write (nothing is created)."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
 def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> None:
     """Refuse to replace results that another checkpoint (or someone else) wrote at these paths.
 
@@ -168,8 +180,10 @@ def check_args(args) -> list[tuple[str, Path]]:
     names = [name for name, _ in targets]
     if len(set(names)) != len(names):
         raise InputError(f"two targets share the name {max(names, key=names.count)!r}; rename one file")
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise InputError("--batch_size must be at least 1 and --num_workers at least 0")
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise InputError(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.image_size is not None and args.image_size < 1:
         raise InputError(f"--image_size must be positive, got {args.image_size}")
     return targets
@@ -235,6 +249,7 @@ def run(args) -> dict:
     paths = {name: output_paths(output_dir, args.flip, name) for name, _ in targets}
     for json_path, plot_path in paths.values():
         check_overwrite(json_path, plot_path, args.model_path)
+    check_writable_folder(Path(output_dir))  # before minutes of embedding, not after them
 
     loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)
     if device.type == "cuda":

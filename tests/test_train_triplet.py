@@ -13,6 +13,7 @@ import torch
 import eval_metrics
 import train_triplet
 from datasets.lfw_dataset import find_lfw_image, read_pairs
+from errors import InputError
 from inference import FaceEmbedder, distance
 from tests.training_data import REPO, common_args
 from training.cli import parse_args
@@ -213,6 +214,29 @@ def test_never_writes_into_another_runs_folder(tiny_demo_data, tmp_path, capsys)
     assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 2
     assert "holds an earlier run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
+
+
+def test_a_resume_refused_for_bad_input_leaves_the_runs_folder_as_it_was(tiny_demo_data, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
+    before = sorted(path.name for path in output_dir.iterdir())
+    checkpoint = output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt"
+    foreign_csv = tmp_path / "foreign.csv"
+    foreign_csv.write_text("a,b\n1,2\n")
+    capsys.readouterr()
+    resume = ["--resume_path", checkpoint, "--epochs", "2", "--dataset_csv", foreign_csv]
+    assert run_main(triplet_args(tiny_demo_data, output_dir, *resume)) == 2
+    assert "missing column" in capsys.readouterr().err
+    assert sorted(path.name for path in output_dir.iterdir()) == before  # no run_config_resume_1.json
+
+    (output_dir / "run_config.json").write_text("{not json")
+    assert run_main(triplet_args(tiny_demo_data, output_dir, "--resume_path", "auto")) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: --output_dir {output_dir}: its run_config.json is unreadable" in err and err.count("\n") == 1
+    )
+    assert run_main(triplet_args(tiny_demo_data, "", "--epochs", "1")) == 2
+    assert "error: --output_dir is empty" in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):
@@ -459,6 +483,34 @@ def test_the_original_2021_flag_names_are_accepted():
     assert (new.model, new.embedding_dim, new.lr, new.dataset_csv) == ("resnet50", 256, 0.075, "v.csv")
 
 
+def test_the_original_2021_epoch_and_semihard_flags_mean_what_they_meant(tiny_demo_data, tmp_path, capsys):
+    args = _resolved(["--iterations_per_epoch", "5", "--batch_size", "8"])
+    assert (args.num_triplets_train, args.triplet_selection) == (40, "hard")  # 5 steps of 8 triplets
+    assert (
+        _resolved(["--iterations_per_epoch", "5", "--triplet_selection", "batch_all"]).num_triplets_train
+        == 320
+    )
+    for text, rule in (("False", "hard"), ("false", "hard"), ("True", "semihard"), ("1", "semihard")):
+        assert _resolved(["--use_semihard_negatives", text]).triplet_selection == rule, text
+    for argv, message in (
+        (
+            ["--use_semihard_negatives", "False", "--triplet_selection", "semihard"],
+            "means --triplet_selection hard",
+        ),
+        (["--iterations_per_epoch", "5", "--num_triplets_train", "40"], "both set an epoch's length"),
+    ):
+        with pytest.raises(InputError, match=message):
+            _resolved(argv)
+    with pytest.raises(SystemExit):
+        train_triplet.get_args_parser().parse_args(
+            ["-d", "x", "--lfw", "y", "--use_semihard_negatives", "maybe"]
+        )
+    assert "expected True or False, got 'maybe'" in capsys.readouterr().err
+    # an original command line without them trains the new default, and train.log says what its count means
+    assert run_main(triplet_args(tiny_demo_data, tmp_path / "run", "--epochs", "1")) == 0
+    assert "--num_triplets_train 24: online batch-all mining" in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.parametrize("model, size, smallest", [("resnet18", "16", 32), ("inceptionresnetv2", "64", 75)])
 def test_an_image_size_below_what_the_model_takes_is_refused_up_front(
     tiny_demo_data, tmp_path, capsys, model, size, smallest
@@ -476,8 +528,10 @@ def test_help_shows_defaults_that_exist_and_says_random_weights_are_the_default(
 
     text = importlib.import_module(script).get_args_parser().format_help()
     assert "(default: None)" not in text and "(default: True)" not in text
-    assert "start from random weights (the default)" in text
+    assert "start from random weights, as without --pretrained" in text
     assert "(default: 0)" in text  # a zero default is still shown (--freeze_backbone_epochs, --seed)
+    # a help that mentions the original's default still shows ours
+    assert "adam learned faster in benchmarks/bench_learning.py) (default: adam)" in " ".join(text.split())
 
 
 def test_a_pregenerated_run_resumed_with_online_mining_drops_the_pregenerated_batch_flag(

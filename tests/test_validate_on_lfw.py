@@ -320,6 +320,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_embedding(tmp_path, capsys):
+    checkpoint = save_untrained_checkpoint(tmp_path / "model.pt", image_size=16)
+    a_file = tmp_path / "results"
+    a_file.write_text("keep me")
+    args = ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
+    assert main([*args, "--output_dir", str(a_file / "sub")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --output_dir {a_file / 'sub'}: {a_file} is not a folder\n"
+    assert "Accuracy" not in captured.out and a_file.read_text() == "keep me"
+
+
 def test_a_target_that_cannot_be_evaluated_fails_before_any_is_embedded(tmp_path, capsys):
     """A .bin of same-person pairs only, given after LFW: refused by name before LFW's 7,000 images are
     embedded, and nothing written."""

@@ -216,7 +216,15 @@ def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None
         raise InputError(
             f"--output_dir {output_dir}: the folder holds other files; choose an empty or new folder"
         )
-    previous = json.loads(config_path.read_text())
+    try:
+        previous = json.loads(config_path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--output_dir {output_dir}: its run_config.json is unreadable ({first_line(error)}); "
+            "choose a new --output_dir"
+        ) from None
     if not resuming:
         raise InputError(
             f"--output_dir {output_dir}: the folder holds an earlier run; resume it with --resume_path "

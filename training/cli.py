@@ -72,6 +72,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def boolean_text(text: str) -> bool:
+    """argparse type of a flag that takes True or False (the original's spelling), read as what it says."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def pretrained_weights_name(text: str):
     """argparse type of --pretrained WEIGHTS: True for imagenet (as the bare flag), else the name."""
     name = text.strip().lower()
@@ -88,7 +98,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or action.default is False or action.required or "default" in text:
+        if action.default is None or action.default is False or action.required or "default:" in text.lower():
             return text
         return super()._get_help_string(action)
 
@@ -184,7 +194,8 @@ def _add_model_arguments(model) -> None:
         "--no-pretrained",
         dest="pretrained",
         action="store_false",
-        help="start from random weights (the default)",
+        default=argparse.SUPPRESS,  # --pretrained holds the default (False)
+        help="start from random weights, as without --pretrained",
     )
     model.add_argument(
         "--init_from",
@@ -347,6 +358,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Every cheap check of files and values, before any work or writing."""
     if args.num_workers < 0:
         raise InputError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.output_dir is not None and not str(args.output_dir).strip():
+        raise InputError("--output_dir is empty; name a folder, or leave the flag out for runs/<run name>")
     if args.resume_path == "auto":
         if args.output_dir is None:
             raise InputError("--resume_path auto needs --output_dir (the folder to look for checkpoints in)")

@@ -540,7 +540,7 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
         except InputError as error:
             raise InputError(f"--resume_path {args.resume_path}: the run's {error}") from None
     init_source = settle_run_settings(args, resume_checkpoint)  # --init_from decides model and preprocessing
-    output_dir, validator, fresh = prepare_output(
+    output_dir, validator, fresh, config_path = prepare_output(
         args, runtime, task_class.name, resuming=resume_checkpoint is not None or auto_resume
     )
     configure_logging(output_dir, runtime.is_main)
@@ -564,6 +564,9 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
     except BaseException:
         # bad data or a setting the data contradicts, found before a step was completed (the first batch
         # included): leave a new folder as it was, free for the corrected command
-        if fresh and (trainer is None or trainer.steps_completed == 0):
-            release_output_dir(output_dir, remove_folder=fresh == "new")
+        if trainer is None or trainer.steps_completed == 0:
+            if fresh:
+                release_output_dir(output_dir, remove_folder=fresh == "new")
+            elif config_path is not None:  # a resume that failed to start: the folder keeps what it held
+                config_path.unlink(missing_ok=True)
         raise

@@ -16,8 +16,9 @@ from training.validation import Validator
 
 
 def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, resuming: bool):
-    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process; and
-    whether the folder was "new" or "empty" before (None: it held a run, or this is not the main process)."""
+    """The run's folder, claimed and described (``run_config.json``); the validator, on the main process;
+    whether the folder was "new" or "empty" before (None: it held a run, or this is not the main process); and
+    the run_config file this start wrote (None on the other processes)."""
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, task_name)
     if runtime.distributed:  # rank 0 names the folder: the others' clocks may be a second later
         chosen = [str(output_dir)]
@@ -31,16 +32,16 @@ def prepare_output(args: argparse.Namespace, runtime: Runtime, task_name: str, r
         if runtime.local_rank != 0:
             prepare_demo_data(args)
     run_config = {"task": task_name, **vars(args)}
-    validator = None
-    fresh = None
+    validator = fresh = config_path = None
     if runtime.is_main:
         fresh = "new" if not output_dir.exists() else None if any(output_dir.iterdir()) else "empty"
         claim_output_dir(output_dir, run_config, resuming=resuming)
         validator = Validator(args, runtime, output_dir)  # reads the pairs files: fails before any writing
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_config, run_config_path(output_dir))
+        config_path = run_config_path(output_dir)
+        write_json_atomic(run_config, config_path)
     barrier(runtime)
-    return output_dir, validator, fresh
+    return output_dir, validator, fresh, config_path
 
 
 def run_config_path(output_dir: Path) -> Path:
