@@ -189,10 +189,6 @@ class LoadedModel:
         if self.alignment is None:
             self.alignment = default_alignment(self.image_size)
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, tuple(self.mean), tuple(self.std))
-
     def transform(self):
         """The preprocessing this model was trained with: PIL image in, normalised tensor out."""
         return face_transform(self.image_size, self.mean, self.std)
@@ -271,7 +267,7 @@ def _load_error_reason(error: Exception) -> str:
 
 
 def detect_layout(checkpoint: Mapping, path="checkpoint") -> str:
-    """Which of the four layouts `checkpoint` is, from its keys; InputError if none."""
+    """Which of the five layouts `checkpoint` is, from its keys; InputError if none."""
     if "model_state_dict" not in checkpoint and all(key in checkpoint for key in _FACENET_KEYS):
         return LAYOUT_FACENET_PYTORCH
     state = checkpoint.get("model_state_dict")

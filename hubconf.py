@@ -6,8 +6,9 @@
     embedder = torch.hub.load(REPO_DIR, "face_embedder", source="local", path="model.pt", align=True)
 
 One entry per name of ``models.MODEL_NAMES`` (``build_model``'s arguments: ``embedding_dim``,
-``num_classes``, ``pretrained``); nothing downloads unless ``pretrained`` asks for weights that are not in
-the torch hub cache. ``from_checkpoint`` returns the embedding model of any checkpoint that inference.py
+``num_classes``, ``pretrained``); nothing downloads unless ``pretrained`` asks for weights that are not
+cached yet: torchvision's ImageNet ResNets in ``$TORCH_HOME/hub/checkpoints``, facenet-pytorch's in
+``$TORCH_HOME/checkpoints``, timm's Inception-ResNet-v2 in the Hugging Face cache. ``from_checkpoint`` returns the embedding model of any checkpoint that inference.py
 reads, in eval mode, with the `LoadedModel` description at ``model.loaded_info``; ``face_embedder`` returns
 an ``inference.FaceEmbedder`` (photos in, embeddings out, with the checkpoint's preprocessing).
 """

@@ -19,7 +19,7 @@ def _timm_inception_resnet_v2(pretrained: bool):
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RuntimeError(
             f"could not load timm's ImageNet weights for inception_resnet_v2 ({reason}); "
-            "check the network or the Hugging Face cache, or train with --no-pretrained"
+            "check the network or the Hugging Face cache, or start from random weights (--no-pretrained, pretrained=False)"
         ) from None
 
 

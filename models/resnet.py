@@ -8,7 +8,8 @@ This file is self-contained on purpose: copy it alone into another project and
 
 works with only torch and torchvision installed.
 
-State-dict layout (kept identical to tamerthamoqa/facenet-pytorch-vggface2 so weights move both ways):
+State-dict layout (identical to tamerthamoqa/facenet-pytorch-vggface2's 2020 models, so weights move both ways;
+its 2019 and 2021 single-Linear heads load through checkpoint_loading.py):
 the torchvision backbone lives at ``model.``; its ``fc`` is the embedding head
 ``Sequential(Linear(in_features, 512), BatchNorm1d(512), ReLU(), Linear(512, embedding_dim))``
 (keys ``model.fc.0.*``, ``model.fc.1.*``, ``model.fc.3.*``); models trained with a classifier (center loss)
@@ -65,7 +66,7 @@ def _torchvision_resnet(depth: int, pretrained: bool) -> nn.Module:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RuntimeError(
             f"could not load torchvision's ImageNet weights for resnet{depth} ({reason}); "
-            "check the network or the torch hub cache, or train with --no-pretrained"
+            "check the network or the torch hub cache, or start from random weights (--no-pretrained, pretrained=False)"
         ) from None
 
 
