@@ -103,8 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="hard: the original's d(a,n) - d(a,p) < margin on random triplets; semihard: FaceNet's "
         "d(a,p) < d(a,n) < d(a,p) + margin; batch_hard / batch_all: online mining in batches of "
         "--batch_size images, --images_per_identity per identity (Hermans et al. 2017). Default: batch_all, "
-        "which learned fastest in benchmarks/bench_learning.py; hard when --training_triplets_path or "
-        "--num_human_identities_per_batch (flags of pre-generated triplets) is given",
+        "which learned fastest in benchmarks/bench_learning.py; hard when --training_triplets_path, "
+        "--num_human_identities_per_batch or --iterations_per_epoch (flags of pre-generated triplets) is "
+        "given, or as --use_semihard_negatives says",
     )
     triplets.add_argument(
         "--selection_pass",

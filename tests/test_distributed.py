@@ -196,11 +196,15 @@ def test_a_killed_run_resubmitted_with_auto_resume_ends_like_an_uninterrupted_on
 
     straight = run(command(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    # an epoch's own checkpoint supersedes its step checkpoints
+    assert not list((tmp_path / "straight" / "checkpoints").glob("*_step_*.pt"))
     killed = run(command(tmp_path / "killed"), kill="0:11")  # 6 steps an epoch: step 5 of epoch 2
     assert killed.returncode == -signal.SIGKILL
-    assert list((tmp_path / "killed" / "checkpoints").glob("*_epoch_2_step_4.pt"))
+    step_checkpoints = sorted(path.name for path in (tmp_path / "killed" / "checkpoints").glob("*_step_*.pt"))
+    assert step_checkpoints == ["model_resnet18_triplet_epoch_2_step_4.pt"]
     resumed = run(command(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*_step_*.pt"))
     assert "continuing at epoch 2 of 2, step 5 of 6" in resumed.stdout
     final = [
         torch.load(folder / "checkpoints" / "model_resnet18_triplet_epoch_2.pt", weights_only=True)

@@ -310,7 +310,8 @@ def _add_run_arguments(run, default_output_name: str) -> None:
         "--checkpoint_every_steps",
         type=positive_int,
         default=None,
-        help="also checkpoint every this many steps within an epoch (the newest such one is kept)",
+        help="also checkpoint every this many steps within an epoch (the newest such one is kept until the "
+        "epoch's own checkpoint is written)",
     )
 
 

@@ -230,12 +230,16 @@ class Trainer:
 
     def save_periodic(self, epoch: int, step: int, totals: EpochTotals) -> None:
         """--checkpoint_every_steps: a mid-epoch checkpoint ``..._epoch_<N>_step_<S>.pt``; the previous
-        one of this epoch is removed once the new one is written (epoch-end checkpoints all stay)."""
+        one of this epoch is removed once the new one is written, and the last once the epoch's own
+        checkpoint is (epoch-end checkpoints all stay)."""
         path = self.save(epoch, step, totals, name_suffix=f"_step_{step}")
-        if self.runtime.is_main:
-            pattern = f"model_{self.args.model}_{self.task.name}_epoch_{epoch + 1}_step_*.pt"
-            for older in path.parent.glob(pattern):
-                if older != path:
+        self.remove_step_checkpoints(epoch + 1, keep=path)
+
+    def remove_step_checkpoints(self, epoch_number: int, keep: Path | None = None) -> None:
+        if self.runtime.is_main and self.args.checkpoint_every_steps:
+            pattern = f"model_{self.args.model}_{self.task.name}_epoch_{epoch_number}_step_*.pt"
+            for older in (self.output_dir / "checkpoints").glob(pattern):
+                if older != keep:
                     older.unlink(missing_ok=True)
 
     def resume(self, checkpoint: dict) -> None:
@@ -417,6 +421,7 @@ class Trainer:
                 raise
             self.record_epoch(row)
         self.save(completed)
+        self.remove_step_checkpoints(completed)  # the epoch's own checkpoint supersedes them
 
     def record_epoch(self, row: dict) -> None:
         append_csv_row(self.output_dir / "training_log.csv", row)
