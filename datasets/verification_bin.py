@@ -158,22 +158,25 @@ def write_verification_bin(lfw_dir, pairs_path, out_path) -> WriteSummary:
     """Write the pairs of an LFW-style pairs file as an insightface .bin (atomically), file bytes as they are.
 
     A .bin is read as ten consecutive blocks of pairs. Pairs keep the file's order when it has ten folds, so
-    they stay the official ones; a file without folds (no header, or LFW View 1's one) is written in
-    `stratified_order`, whose ten blocks are the folds a folder of it is evaluated in; other fold counts are
-    kept in order and the summary's note says they are not the .bin's. A missing image is an InputError.
+    they stay the official ones; a file without folds (no header, or LFW View 1's one) or with another count
+    of them is written in `stratified_order`, whose ten blocks each hold both kinds (for a file without
+    folds, the folds a folder of it is evaluated in), and the summary's note says so. A missing image is an
+    InputError.
     """
     lfw_dir, out_path = os.fspath(lfw_dir), os.fspath(out_path)
     if not os.path.isdir(lfw_dir):
         raise InputError(f"LFW image folder not found: {lfw_dir}")
     parsed = read_pairs(pairs_path)
     order, note = np.arange(len(parsed.issame)), ""
-    if parsed.num_folds < 2:
+    if parsed.num_folds != NUM_FOLDS:
+        # a .bin is read as ten consecutive blocks: in file order, another fold count would put one kind of
+        # pair in a block (a 2-fold file of 30 same then 30 different pairs scored 29% accuracy)
         order = stratified_order(parsed.issame, NUM_FOLDS)
-        note = f"{pairs_path} has no folds: its pairs are written as {NUM_FOLDS} folds of same and different pairs"
-    elif parsed.num_folds != NUM_FOLDS:
+        has = (
+            "no folds" if parsed.num_folds < 2 else f"{parsed.num_folds} folds, not the {NUM_FOLDS} of a .bin"
+        )
         note = (
-            f"{pairs_path} has {parsed.num_folds} folds, but a .bin is evaluated in {NUM_FOLDS} consecutive "
-            "blocks: its folds are not kept"
+            f"{pairs_path} has {has}: its pairs are written as {NUM_FOLDS} folds of same and different pairs"
         )
     cache: dict[tuple[str, int], bytes] = {}
     images: list[bytes] = []

@@ -265,6 +265,13 @@ def test_pairs_without_folds_are_written_so_every_block_holds_both_kinds(make_lf
     )
     assert from_bin.positives_per_fold.tolist() == from_folder.positives_per_fold.tolist()
     np.testing.assert_allclose(from_bin.accuracy, from_folder.accuracy)
+    # another fold count cannot be a .bin's: its pairs too are written as ten blocks holding both kinds
+    two_root, two_pairs = make_lfw_tree(num_folds=2, pairs_per_kind=10, root=tmp_path / "two")
+    two_bin = tmp_path / "two.bin"
+    assert main(["--lfw", str(two_root), "--lfw_pairs", str(two_pairs), "--output", str(two_bin)]) == 0
+    assert "has 2 folds, not the 10 of a .bin" in capsys.readouterr().out
+    blocks = np.array_split(read_verification_bin(two_bin).issame, 10)
+    assert all(block.any() and not block.all() for block in blocks)
     # with ten folds the file's own order is kept
     root, pairs_path = make_lfw_tree(num_folds=10, pairs_per_kind=1, root=tmp_path / "ten")
     assert (
