@@ -25,7 +25,8 @@ Gallery embeddings are cached in one file per model and setting inside the galle
 alignment, --align and --flip. A later run embeds only the photos that were added or changed (a changed size
 or modification time, from ``os.stat``) and drops the removed ones; the file is rewritten atomically when
 anything changed. A gallery photo that cannot be read or (with --align) shows no face is skipped with a
-one-line note, and remembered as such until it changes; a query photo like that is an error.
+one-line note, and remembered as such until it changes; a query photo like that gets one row whose identity
+is "skipped" (and a note), and is an error only when no query photo can be used.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from inference import (
 CACHE_PREFIX = ".gallery_embeddings_"
 CACHE_FORMAT = 1
 UNKNOWN = "unknown"
+SKIPPED = "skipped"  # the identity of a query photo that could not be read or (with --align) showed no face
 OUTPUT_COLUMNS = ("query", "identity", "distance", "nearest_identity")
 
 logger = logging.getLogger(__name__)
@@ -329,11 +331,15 @@ def rank_identities(
     return ranked, torch.gather(per_identity, 1, order).numpy()
 
 
-def identify_table(query_names: list[str], ranked, distances, threshold: float) -> pd.DataFrame:
+def identify_table(
+    query_names: list[str], ranked, distances, threshold: float, skipped: list[str] = ()
+) -> pd.DataFrame:
+    """The output rows of the ranked queries, then one row per skipped query (no distance, no person)."""
     rows = []
     for query, people, person_distances in zip(query_names, ranked, distances, strict=True):
         for person, value in zip(people, person_distances, strict=True):
             rows.append((query, person if value < threshold else UNKNOWN, float(value), person))
+    rows.extend((query, SKIPPED, float("nan"), "") for query in skipped)
     return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
@@ -348,17 +354,25 @@ def run(args) -> None:
     )
     embedder = FaceEmbedder(loaded, flip=args.flip, batch_size=args.batch_size, align=args.align)
     gallery = load_gallery(embedder, args)
-    query_embeddings = embedder.embed(queries)
-    ranked, distances = rank_identities(query_embeddings, gallery, args.top_k)
-    table = identify_table([str(query) for query in queries], ranked, distances, threshold)
+    query_embeddings, errors = embedder.try_embed(queries)
+    usable = [row for row, error in enumerate(errors) if error is None]
+    failed = [error for error in errors if error is not None]
+    if not usable:  # nothing to answer: the (first) reason is the error
+        raise InputError(failed[0] if len(failed) == 1 else f"no query photo could be used, e.g. {failed[0]}")
+    for error in failed:
+        logger.warning("skipped query photo: %s", error)
+    ranked, distances = rank_identities(query_embeddings[usable], gallery, args.top_k)
+    skipped = [str(query) for query, error in zip(queries, errors, strict=True) if error is not None]
+    table = identify_table([str(queries[row]) for row in usable], ranked, distances, threshold, skipped)
     if args.output is None:
         table.to_csv(sys.stdout, index=False, float_format="%.4f")
         return
     with atomic_write(args.output, "w", newline="") as handle:
         table.to_csv(handle, index=False, float_format="%.6f")
-    named = int((table.groupby("query", sort=False)["identity"].first() != UNKNOWN).sum())
+    named = int((~table.groupby("query", sort=False)["identity"].first().isin([UNKNOWN, SKIPPED])).sum())
     print(
-        f"wrote {len(table)} rows to {args.output}: {named} of {len(queries)} queries named "
+        f"wrote {len(table)} rows to {args.output}: {named} of {len(queries)} queries named"
+        f"{f', {len(skipped)} skipped' if skipped else ''} "
         f"(threshold {threshold:.4f}, {len(set(gallery.identities))} people, {len(gallery.paths)} photos)"
     )
 

@@ -626,7 +626,7 @@ def test_gallery_cache_is_incremental(world, tmp_path, capsys, caplog, use_world
     assert len(names) == 9 + 1 + 1 and len(list(gallery.glob(".gallery_embeddings_*.pt"))) == 2
 
 
-def test_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys, monkeypatch, caplog):
     people = tmp_path / "people"
     (people / "alice").mkdir(parents=True)
     Image.fromarray(np.full((100, 100, 3), 128, np.uint8)).save(people / "alice" / "a.jpg")
@@ -661,6 +661,18 @@ def test_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys, monkeypatch):
         assert status == 2, (message, err)
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert out == "" and len(lines) == 1 and message in lines[0], (message, err)
+
+    # among other queries, one without a face gets its own row and a note, not an error for all of them
+    status, out, err = run_identify(
+        capsys, model + ["--gallery", world.gallery, "--align", blank_query, query]
+    )
+    assert status == 0, err
+    rows = read_rows(out)
+    skipped = rows[rows["query"] == str(blank_query)]
+    assert skipped[["identity", "distance", "nearest_identity"]].values.tolist() == [["skipped", "", ""]]
+    answered = rows[rows["query"] == str(query)]
+    assert len(answered) >= 1 and "skipped" not in answered["identity"].tolist()
+    assert f"skipped query photo: no face found in {blank_query}" in caplog.text
 
 
 def test_help_lists_the_flags_and_presets():
