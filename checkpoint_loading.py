@@ -181,6 +181,7 @@ class LoadedModel:
     alignment: Alignment | None = None  # None: default_alignment(image_size)
     preprocess: str | None = None  # the preset used, None when the checkpoint stores its preprocessing
     alignment_stored: bool = False  # whether ``alignment`` is the checkpoint's own entry, not the default
+    alignment_given: bool = False  # set from --template / --crop_margin (inference.resolve_alignment)
     new_head: bool = False  # load_for_training only: the embedding head is new, not the checkpoint's
     # set when the stored threshold was measured on other weights than these: what it was measured on
     threshold_note: str | None = None
@@ -188,6 +189,13 @@ class LoadedModel:
     def __post_init__(self):
         if self.alignment is None:
             self.alignment = default_alignment(self.image_size)
+
+    @property
+    def alignment_source(self) -> str:
+        """Where ``alignment`` comes from: the checkpoint, the command line, or a guess for its input size."""
+        if self.alignment_given:
+            return "command line"
+        return "checkpoint" if self.alignment_stored else "guessed: not stored in the checkpoint"
 
     def transform(self):
         """The preprocessing this model was trained with: PIL image in, normalised tensor out."""
@@ -208,6 +216,7 @@ class LoadedModel:
             "std": list(self.std),
             "preprocess": self.preprocess,
             "alignment": self.alignment.as_dict(),
+            "alignment_source": self.alignment_source,
             "distance_scale": self.distance_scale,
         }
 

@@ -15,7 +15,7 @@ The normalisation ``(x / 255 - mean) / std`` runs inside the graph. The ONNX mod
 hold, as strings: ``image_size``, ``mean`` and ``std`` (JSON lists: what the graph applies), ``input_range``,
 ``layout``, ``architecture``, ``embedding_dim``, ``best_distance_threshold`` (empty when the checkpoint has
 none), ``best_distance_threshold_note`` (empty unless that threshold was measured on earlier weights than
-these: the last validation's), ``distance_scale``, ``alignment`` (JSON), ``preprocess`` (the preset used, or empty) and ``source``
+these: the last validation's), ``distance_scale``, ``alignment`` (JSON) and ``alignment_source`` (checkpoint, command line, or guessed), ``preprocess`` (the preset used, or empty) and ``source``
 (the checkpoint's file name). The export uses torch.onnx's torch.export-based exporter (onnxscript), with
 the batch dimension dynamic; an existing output file is kept unless ``--overwrite``.
 """
@@ -92,6 +92,7 @@ def metadata(loaded: LoadedModel) -> dict[str, str]:
         "best_distance_threshold_note": loaded.threshold_note or "",  # set when measured on earlier weights
         "distance_scale": repr(float(loaded.distance_scale)),
         "alignment": json.dumps(loaded.alignment.as_dict()),
+        "alignment_source": loaded.alignment_source,  # a guess unless the checkpoint or the flags said
         "preprocess": loaded.preprocess or "",
         "source": Path(loaded.path).name if loaded.path else "",
     }

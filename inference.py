@@ -164,6 +164,7 @@ def resolve_alignment(loaded: LoadedModel, template: str | None, crop_margin: in
             alignment.as_dict(),
         )
     loaded.alignment = alignment
+    loaded.alignment_given = True
 
 
 def distance(embedding1, embedding2):

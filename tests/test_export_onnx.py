@@ -75,6 +75,7 @@ def test_metadata_holds_preprocessing_and_threshold(checkpoint):
     )
     assert float(props["best_distance_threshold"]) == loaded.best_distance_threshold == 0.8125
     assert json.loads(props["alignment"]) == {"template": "arcface112", "image_size": 112, "margin": 0}
+    assert props["alignment_source"] == "checkpoint"
     assert "0..255" in props["input_range"] and props["source"] == "model.pt"
     # the batch dimension is symbolic
     shape = onnx.load(str(output)).graph.input[0].type.tensor_type.shape.dim

@@ -458,13 +458,18 @@ def test_alignment_entry_and_its_default(tmp_path):
     checkpoint = this_repository_checkpoint(net, image_size=64)
     path = tmp_path / "default.pt"
     torch.save(checkpoint, path)
-    assert load_checkpoint(path).alignment == inference.Alignment("none", 64, 13)  # round(32 * 64 / 160)
+    guessed = load_checkpoint(path)
+    assert guessed.alignment == inference.Alignment("none", 64, 13)  # round(32 * 64 / 160)
+    assert guessed.info()["alignment_source"] == "guessed: not stored in the checkpoint"  # reports say so
+    inference.resolve_alignment(guessed, "arcface112", None, used=True)
+    assert guessed.info()["alignment_source"] == "command line"
     entry = {"template": "arcface112", "image_size": 112, "margin": 0}
     torch.save({**checkpoint, "alignment": entry}, path)
     loaded = load_checkpoint(path)
     assert (
         loaded.alignment == inference.Alignment("arcface112", 112, 0) and loaded.info()["alignment"] == entry
     )
+    assert loaded.info()["alignment_source"] == "checkpoint"
     assert FaceEmbedder(loaded).alignment == loaded.alignment
     bad = {
         "malformed": {"template": "arcface112"},
