@@ -57,7 +57,14 @@ def main(argv=None) -> int:
             num_workers=args.num_workers,
             progress=args.progress,
         )
-        resumed = f"; {summary.num_resumed} records were already written" if summary.num_resumed else ""
+        # records: the header, then the images, then one per identity
+        images_done = min(max(summary.num_resumed - 1, 0), summary.num_images)
+        if summary.num_resumed >= 1 + summary.num_images + summary.num_identities:
+            resumed = "; it was already complete"
+        elif summary.num_resumed:
+            resumed = f"; {images_done} of the images were already packed"
+        else:
+            resumed = ""
         print(
             f"wrote {summary.rec_path} and {summary.idx_path}: {summary.num_images} images of "
             f"{summary.num_identities} identities{resumed}"

@@ -343,6 +343,8 @@ def test_cli_packs_and_reports_bad_input(tiny_face_tree, tmp_path, capsys):
     assert main(["--dataroot", str(tiny_face_tree), "--output", str(rec_path), "--no-progress"]) == 0
     assert "12 images of 4 identities" in capsys.readouterr().out
     assert len(RecordIOFaceDataset(rec_path)) == 12
+    assert main(["--dataroot", str(tiny_face_tree), "--output", str(rec_path), "--no-progress"]) == 0
+    assert "12 images of 4 identities; it was already complete" in capsys.readouterr().out
     assert main(["--dataroot", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.rec")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: dataset folder not found") and err.count("\n") == 1
