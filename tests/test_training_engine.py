@@ -471,6 +471,8 @@ def test_resume_keeps_the_runs_recipe_and_a_flag_given_changes_it(tiny_demo_data
         in (output_dir / "train.log").read_text()
     )
     assert {path: path.stat().st_mtime_ns for path in (output_dir / "checkpoints").iterdir()} == saved
+    assert (output_dir / "run_config_resume_2.json").exists()  # the two resumes that trained
+    assert not (output_dir / "run_config_resume_3.json").exists()  # not the one that had nothing to train
 
     capsys.readouterr()
     assert resume(3, "--epochs", "4", "--optimizer", "adam") == 2

@@ -560,6 +560,10 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
         trainer = Trainer(task, output_dir, validator)
         if resume_checkpoint is not None:
             trainer.resume(resume_checkpoint)
+            if trainer.start_epoch >= args.epochs and config_path is not None:
+                config_path.unlink(
+                    missing_ok=True
+                )  # a finished run (resubmitted with auto): nothing to describe
         log.info(
             f"{task.name} training of {args.model} on {runtime.device}"
             f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "
