@@ -356,13 +356,14 @@ def run(args) -> None:
     gallery = load_gallery(embedder, args)
     query_embeddings, errors = embedder.try_embed(queries)
     usable = [row for row, error in enumerate(errors) if error is None]
-    failed = [error for error in errors if error is not None]
+    failed = [(str(query), error) for query, error in zip(queries, errors, strict=True) if error is not None]
     if not usable:  # nothing to answer: the (first) reason is the error
-        raise InputError(failed[0] if len(failed) == 1 else f"no query photo could be used, e.g. {failed[0]}")
-    for error in failed:
+        reason = failed[0][1]
+        raise InputError(reason if len(failed) == 1 else f"no query photo could be used, e.g. {reason}")
+    for _, error in failed:
         logger.warning("skipped query photo: %s", error)
     ranked, distances = rank_identities(query_embeddings[usable], gallery, args.top_k)
-    skipped = [str(query) for query, error in zip(queries, errors, strict=True) if error is not None]
+    skipped = [query for query, _ in failed]
     table = identify_table([str(queries[row]) for row in usable], ranked, distances, threshold, skipped)
     if args.output is None:
         table.to_csv(sys.stdout, index=False, float_format="%.4f")

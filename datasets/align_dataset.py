@@ -146,9 +146,8 @@ def _init_worker(config, num_threads):
     torch.set_num_threads(num_threads)
     try:
         _worker_aligner = Aligner(config)
-    except (
-        Exception
-    ) as error:  # raised here, the pool would start a new worker forever: the first batch raises it
+    # raised here, the pool would start a new worker forever: the worker's first batch raises it instead
+    except Exception as error:
         _worker_error = error
 
 

@@ -58,10 +58,10 @@ def main(argv=None) -> int:
             progress=args.progress,
         )
         # records: the header, then the images, then one per identity
-        images_done = min(max(summary.num_resumed - 1, 0), summary.num_images)
         if summary.num_resumed >= 1 + summary.num_images + summary.num_identities:
             resumed = "; it was already complete"
         elif summary.num_resumed:
+            images_done = min(summary.num_resumed - 1, summary.num_images)
             resumed = f"; {images_done} of the images were already packed"
         else:
             resumed = ""

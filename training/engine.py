@@ -247,18 +247,14 @@ class Trainer:
         self.task.check_checkpoint(checkpoint)
         try:
             self.load_state(checkpoint)
-        except (
-            KeyError,
-            RuntimeError,
-            ValueError,
-            TypeError,
-        ) as error:  # a checkpoint edited or from elsewhere
-            if isinstance(error, InputError):
-                raise
+        except InputError:
+            raise
+        # a checkpoint edited, or from elsewhere: one line naming it, not load_state_dict's pages
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise InputError(
                 f"--resume_path {self.args.resume_path}: does not fit this run ({state_error(error)})"
             ) from None
-        previous = self.history.primary_target or next(iter(self.history.target_accuracies), None)
+        previous = self.history.primary
         current = next(iter(self.validator.targets), None) if self.validator is not None else None
         if previous is not None and current is not None and previous != current:
             log.warning(
@@ -561,9 +557,8 @@ def train(args: argparse.Namespace, task_class: type[TrainingTask], runtime: Run
         if resume_checkpoint is not None:
             trainer.resume(resume_checkpoint)
             if trainer.start_epoch >= args.epochs and config_path is not None:
-                config_path.unlink(
-                    missing_ok=True
-                )  # a finished run (resubmitted with auto): nothing to describe
+                # a finished run (resubmitted with auto): nothing trains, nothing to describe
+                config_path.unlink(missing_ok=True)
         log.info(
             f"{task.name} training of {args.model} on {runtime.device}"
             f"{f' x{runtime.world_size} processes' if runtime.distributed else ''}, "

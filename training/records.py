@@ -52,6 +52,12 @@ class History:
             self.accuracies.append(accuracy)
             self.accuracy_stds.append(std)
 
+    @property
+    def primary(self) -> str | None:
+        """The primary target of the latest validation (the first one ever, for checkpoints from before that
+        was kept), or None when no target was recorded by name."""
+        return self.primary_target or next(iter(self.target_accuracies), None)
+
     def target_series(self, name: str) -> tuple[list[int], list[float], list[float] | None]:
         """(epochs, accuracies, stds or None) of one target. Values recorded before targets kept their
         epochs are lined up with the last validated epochs before the first one that did."""
@@ -111,7 +117,7 @@ def plot_history(history: History, plots_dir: Path) -> None:
                 "lfw",
             )
         else:
-            primary = history.primary_target or next(iter(history.target_accuracies))
+            primary = history.primary
             epochs, accuracies, stds = history.target_series(primary)
         others = {}
         for name in history.target_accuracies:
