@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     margin.add_argument(
         "--margins",
-        type=float,
+        type=non_negative_float,
         nargs=3,
         metavar=("M1", "M2", "M3"),
         default=COMBINED_MARGINS,
@@ -102,7 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--sample_rate",
         type=positive_float,
         default=1.0,
-        help="PartialFC: the share of negative class centers each step uses (every positive is kept); 1 = all",
+        help="PartialFC: the share of class centers each step uses, the batch's positives always among them "
+        "(more when the positives alone exceed it); 1 = all",
     )
     margin.add_argument(
         "--classifier_lr_scale",
@@ -139,7 +140,10 @@ def margins_of(args: argparse.Namespace) -> tuple[float, float, float]:
             raise InputError(
                 "--margin sets arcface's or cosface's margin; give --margins M1 M2 M3 for combined"
             )
-        return tuple(args.margins)
+        m1, m2, m3 = args.margins
+        if m1 <= 0:
+            raise InputError(f"--margins: M1 multiplies the angle and must be above 0, got {m1:g}")
+        return m1, m2, m3
     if "margins" in getattr(args, "given_flags", ()):  # on the command line (not merely the default)
         raise InputError(f"--margins sets the combined loss's margins; --loss {args.loss} takes --margin")
     m1, m2, m3 = LOSS_MARGINS[args.loss]

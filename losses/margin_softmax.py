@@ -56,8 +56,8 @@ COSINE_CLAMP_EPS = 1e-7
 
 def fallback_threshold(m1: float = 1.0, m2: float = 0.0) -> tuple[float, float] | None:
     """``(th, mm)`` of the monotonic rule above, or None when cos(m1 * theta + m2) is monotonic on [0, pi]."""
-    if m1 <= 0:
-        raise ValueError(f"m1 must be positive, got {m1}")
+    if not (m1 > 0 and math.isfinite(m1) and math.isfinite(m2)):
+        raise ValueError(f"m1 must be positive and m1, m2 finite, got m1 = {m1}, m2 = {m2}")
     theta_max = (math.pi - m2) / m1
     if theta_max >= math.pi:
         return None

@@ -94,7 +94,7 @@ def test_sampled_classifier_trains_and_keeps_untouched_centers(tiny_demo_data, t
     [
         (["--sample_rate", "1.5"], "--sample_rate must be in (0, 1]"),
         (["--loss", "combined", "--margin", "0.3"], "give --margins M1 M2 M3 for combined"),
-        (["--loss", "combined", "--margins", "0", "0.3", "0.2"], "--loss combined"),
+        (["--loss", "combined", "--margins", "0", "0.3", "0.2"], "--margins: M1 multiplies the angle"),
         (["--loss", "cosface", "--margins", "1", "0.3", "0.2"], "--loss cosface takes --margin"),
     ],
 )
@@ -102,6 +102,38 @@ def test_bad_margin_settings_are_one_line_errors(tiny_demo_data, tmp_path, capsy
     assert train_margin.main(margin_args(tiny_demo_data, tmp_path / "run", "--epochs", "1", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("margins", [["1", "nan", "0.2"], ["1", "0.3", "inf"], ["1", "-0.5", "0"]])
+def test_margins_that_are_not_finite_or_are_negative_are_refused(tiny_demo_data, tmp_path, capsys, margins):
+    args = margin_args(tiny_demo_data, tmp_path / "run", "--loss", "combined", "--margins", *margins)
+    with pytest.raises(SystemExit) as raised:
+        train_margin.main(args)
+    assert raised.value.code == 2
+    assert "argument --margins: must be a number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_under_another_loss_takes_that_losss_default_margin(tiny_demo_data, tmp_path):
+    """--margin is ArcFace's angle or CosFace's cosine margin: a run begun with --loss arcface --margin 0.4
+    and resumed with --loss cosface gets CosFace's 0.35, not an angle of 0.4 read as a cosine margin."""
+    output_dir = tmp_path / "run"
+    first = margin_args(tiny_demo_data, output_dir, "--epochs", "1", "--loss", "arcface", "--margin", "0.4")
+    assert train_margin.main(first) == 0
+    assert checkpoint_of(output_dir, 1)["margins"] == [1.0, 0.4, 0.0]
+    checkpoints = output_dir / "checkpoints"
+
+    def resume(epoch, *extra):
+        at = str(checkpoints / f"model_resnet18_margin_epoch_{epoch}.pt")
+        return margin_args(
+            tiny_demo_data, output_dir, "--resume_path", at, "--epochs", str(epoch + 1), *extra
+        )
+
+    assert train_margin.main(resume(1, "--loss", "cosface")) == 0
+    assert checkpoint_of(output_dir, 2)["margins"] == [1.0, 0.0, 0.35]
+    # a switch to combined takes --margins without a clash with the run's --margin
+    assert train_margin.main(resume(2, "--loss", "combined", "--margins", "1", "0.3", "0.2")) == 0
+    assert checkpoint_of(output_dir, 3)["margins"] == [1.0, 0.3, 0.2]
 
 
 def test_two_processes_shard_the_classifier(tiny_demo_data, tmp_path):

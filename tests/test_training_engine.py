@@ -24,7 +24,14 @@ from tests.training_data import common_args
 from training.builders import build_optimizer, load_optimizer_state
 from training.checkpoint import latest_checkpoint
 from training.coordination import StopRequested
-from training.data import DistinctRepeats, SeededSamples, ShardSampler, SkipBatches, make_loader
+from training.data import (
+    DistinctRepeats,
+    SeededSamples,
+    ShardSampler,
+    SkipBatches,
+    make_loader,
+    shuffled_steps,
+)
 from training.engine import MAX_CONSECUTIVE_NONFINITE, Trainer, TrainingDiverged, TrainingTask
 from training.records import EpochTotals, History, plot_history
 from training.runtime import Runtime
@@ -124,6 +131,20 @@ def test_shard_sampler_starts_mid_share():
     assert list(resumed) == full[4:] and len(resumed) == len(full) - 4
 
 
+def test_an_epoch_without_a_step_is_an_input_error():
+    """A process whose share is one image has no batch (batch norm cannot train on one): the run used to train
+    nothing and exit 0; now it is refused, naming the count."""
+    cpu = torch.device("cpu")
+    assert shuffled_steps(2, 10, Runtime(cpu)) == 1 and shuffled_steps(21, 10, Runtime(cpu)) == 2
+    assert shuffled_steps(4, 10, Runtime(cpu, rank=1, world_size=2)) == 1
+    with pytest.raises(
+        InputError, match="--dataroot has too few training images: 1; a step needs at least 2"
+    ):
+        shuffled_steps(1, 10, Runtime(cpu))
+    with pytest.raises(InputError, match="3 over 2 processes leave 1 each"):
+        shuffled_steps(3, 10, Runtime(cpu, rank=1, world_size=2))
+
+
 def test_skip_batches_drops_exactly_the_first_batches():
     batches = torch.utils.data.BatchSampler(range(10), batch_size=3, drop_last=False)
     skipped = SkipBatches(batches, 2)
@@ -220,6 +241,22 @@ def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tm
     out = capsys.readouterr().out
     assert "5 steps in a row had a non-finite loss" in out and "lower --lr" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_nonfinite_streak_runs_across_epochs(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    """Three steps an epoch, every loss NaN: the streak reaches five in epoch two (it used to restart with
+    each epoch, so a run with short epochs trained nothing and still exited 0)."""
+
+    def nan_step(self, step_module, batch):
+        out = real_step(self, step_module, batch)
+        return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
+
+    real_step = train_triplet.TripletTask.step
+    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_step)
+    args = common_args(tiny_demo_data, tmp_path / "run")
+    args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "4"]
+    assert train_triplet.main([str(a) for a in args]) == 3
+    assert "5 steps in a row had a non-finite loss (epoch 2, step 2)" in capsys.readouterr().out
 
 
 def poison_running_mean(task):

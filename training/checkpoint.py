@@ -177,12 +177,13 @@ def adopt_resumed_settings(checkpoint: dict, args: argparse.Namespace) -> None:
             f"--resume_path {args.resume_path}: the run trains with --optimizer {saved['optimizer']}, "
             f"not {args.optimizer} (its state would not fit); start a new run with --init_from instead"
         )
-    # P of a P x K batch follows a new --batch_size or --images_per_identity unless given itself
-    derived = (
-        {"identities_per_batch"}
-        if any(was_given(args, f) for f in ("batch_size", "images_per_identity"))
-        else set()
-    )
+    # P of a P x K batch follows a new --batch_size or --images_per_identity unless given itself; and
+    # train_margin.py's --margin means another margin under another --loss, so that loss's default applies
+    derived = set()
+    if any(was_given(args, f) for f in ("batch_size", "images_per_identity")):
+        derived.add("identities_per_batch")
+    if was_given(args, "loss") and saved.get("loss", args.loss) != args.loss:
+        derived.add("margin")
     for flag in RESUMED_RECIPE:
         if flag in saved and hasattr(args, flag) and not was_given(args, flag) and flag not in derived:
             setattr(args, flag, saved[flag])

@@ -136,7 +136,13 @@ def shuffled_steps(num_items: int, batch_size: int, runtime: Runtime) -> int:
     """Steps of an epoch over every item once (each process a share; the last batch may be short, but never a
     single image: batch norm cannot train on one, so such an image waits for the next epoch)."""
     share = shard_length(num_items, runtime.world_size)
-    return share // batch_size if ends_on_single_image(share, batch_size) else -(-share // batch_size)
+    steps = share // batch_size if ends_on_single_image(share, batch_size) else -(-share // batch_size)
+    if steps == 0:
+        over = f" over {runtime.world_size} processes leave {share} each" if runtime.world_size > 1 else ""
+        raise InputError(
+            f"--dataroot has too few training images: {num_items}{over}; a step needs at least 2"
+        )
+    return steps
 
 
 def ends_on_single_image(share: int, batch_size: int) -> bool:

@@ -297,7 +297,6 @@ class Trainer:
         """One epoch; returns its totals, or None when a stop request cut it short (after a checkpoint)."""
         start_step = self.start_step if epoch == self.start_epoch else 0
         totals = self.resumed_totals if start_step else EpochTotals()
-        self.consecutive_nonfinite = 0
         self.step_module.train()
         self.freeze_backbone(epoch < self.args.freeze_backbone_epochs)
         total = self.task.steps_per_epoch()
