@@ -28,7 +28,7 @@ from datasets.image_files import load_image, to_rgb
 from datasets.mtcnn import Face, FaceDetector, detection_view, select_face, to_photo_coordinates
 from errors import InputError
 
-LFW_DIR = Path("../shared/data/lfw_112")
+LFW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw_112"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # hand-placed on skimage's astronaut photo (Eileen Collins, 512x512): eyes, nose tip, mouth corners
 ASTRONAUT_LANDMARKS = np.array([[202, 102], [247, 103], [223, 128], [205, 143], [244, 143]], dtype=float)

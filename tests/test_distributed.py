@@ -86,9 +86,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_auto_resume_
             assert time.monotonic() < deadline and process.poll() is None, "rank 1 never started training"
             time.sleep(0.2)
         os.kill(int((ready / "rank1.pid").read_text()), signal.SIGTERM)
-        signalled = time.monotonic()
-        output, _ = process.communicate(timeout=60)
-        assert time.monotonic() - signalled < 60
+        output, _ = process.communicate(timeout=60)  # every rank ends within a minute (else TimeoutExpired)
     finally:
         process.kill()
     assert process.returncode != 0, output[-3000:]
@@ -107,9 +105,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_auto_resume_
 def test_an_exception_on_one_rank_ends_every_rank_with_its_message(tiny_demo_data, tmp_path):
     command = [*torchrun(2, "--standalone"), HARNESS, "train_triplet.py"]
     command += [*triplet_args(tiny_demo_data, tmp_path / "run"), "--epochs", "1"]
-    started = time.monotonic()
-    result = run(command, timeout=120, fail="1:2")
-    assert time.monotonic() - started < 120
+    result = run(command, timeout=120, fail="1:2")  # within the timeout, not the collectives' 30 minutes
     assert result.returncode != 0
     output = result.stdout + result.stderr
     # both processes print the failing rank's one-line message
@@ -132,9 +128,7 @@ def test_a_failure_outside_the_agreed_step_still_ends_every_rank_with_its_messag
     if script == "train_margin.py":
         at = args.index("--num_triplets_train")
         del args[at : at + 2]
-    started = time.monotonic()
     result = run([*torchrun(2, "--standalone"), HARNESS, script, *args], timeout=120, **fault)
-    assert time.monotonic() - started < 120
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output.count(f"error: rank 1: {message}") == 2, output[-3000:]

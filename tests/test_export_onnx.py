@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import onnx  # both in requirements.txt: a missing one fails here rather than skipping the file
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -10,9 +12,6 @@ from PIL import Image
 import export_onnx
 from inference import FaceEmbedder, load_checkpoint
 from models import build_model
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_an_existing_csv_is_replaced_not_appended(tiny_face_tree, tmp_path):
     generate_csv(tiny_face_tree, csv_path)
     _, rows = read_rows(csv_path)
     assert len(rows) == 12
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic_write's temporary name is gone
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_images", "files_only"])

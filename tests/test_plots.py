@@ -67,3 +67,48 @@ def test_save_error_propagates_and_still_closes_the_figure(tmp_path):
     blocker.write_text("a file where the folder should be")
     with pytest.raises(OSError):
         plots.plot_training_loss([1, 2], [1.0, 0.5], blocker / "loss.png")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The axes of each figure a plot function drew, caught as the figure is closed."""
+    axes = []
+    real_close = plt.close
+
+    def catch(fig=None):
+        axes.extend(fig.axes)
+        real_close(fig)
+
+    monkeypatch.setattr(plots.plt, "close", catch)
+    return axes
+
+
+def test_the_accuracy_plot_draws_each_target_at_its_epochs_and_the_std_band(tmp_path, drawn):
+    stds = np.array([0.02, 0.01, 0.03])
+    others = {"cfp_fp": ([2, 3], [0.70, 0.75]), "agedb_30": ([3], [0.66])}
+    plots.plot_accuracy_lfw([1, 2, 3], [0.80, 0.85, 0.88], tmp_path / "a.png", stds=stds, others=others)
+    (ax,) = drawn
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines == {
+        "LFW accuracy": ([1, 2, 3], [0.80, 0.85, 0.88]),
+        "cfp_fp accuracy": ([2, 3], [0.70, 0.75]),
+        "agedb_30 accuracy": ([3], [0.66]),
+    }
+    (band,) = ax.collections  # fill_between: mean - std up to mean + std at every epoch
+    vertices = band.get_paths()[0].vertices
+    for epoch, mean, std in zip([1, 2, 3], [0.80, 0.85, 0.88], stds, strict=True):
+        at_epoch = vertices[np.isclose(vertices[:, 0], epoch), 1]
+        assert at_epoch.min() == pytest.approx(mean - std) and at_epoch.max() == pytest.approx(mean + std)
+    assert sorted(text.get_text() for text in ax.get_legend().get_texts()) == sorted([*lines, "+-1 std"])
+    assert ax.get_title() == "Verification accuracy per epoch"
+
+
+def test_the_roc_plot_draws_the_curve_with_its_area_and_the_diagonal(tmp_path, drawn):
+    fpr, tpr = np.linspace(0, 1, 5), np.sqrt(np.linspace(0, 1, 5))
+    plots.plot_roc_lfw(fpr, tpr, 0.6667, tmp_path / "roc.png")
+    (ax,) = drawn
+    curve, diagonal = ax.get_lines()
+    np.testing.assert_array_equal(curve.get_xdata(), fpr)
+    np.testing.assert_array_equal(curve.get_ydata(), tpr)
+    assert curve.get_label() == "ROC curve (area = 0.6667)"
+    assert list(diagonal.get_xdata()) == [0, 1] == list(diagonal.get_ydata())

@@ -3,7 +3,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -330,12 +329,9 @@ def test_labels_of_100k_records_come_from_one_vectorised_pass(tmp_path, monkeypa
     monkeypatch.setattr(
         RecordIOReader, "read_header", lambda self, key: header_reads.append(key) or read_header(self, key)
     )
-    start = time.perf_counter()
     dataset = RecordIOFaceDataset(rec_path)
-    elapsed = time.perf_counter() - start
     assert np.array_equal(dataset.labels, labels) and dataset.num_classes == 997
     assert header_reads == [0]  # only record 0, to see whether it is an insightface header
-    assert elapsed < 3.0  # about 0.1 s
 
 
 def test_cli_packs_and_reports_bad_input(tiny_face_tree, tmp_path, capsys):

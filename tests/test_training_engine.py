@@ -21,11 +21,12 @@ from errors import InputError
 from losses import TripletLoss
 from models import build_model
 from tests.training_data import common_args
-from training.builders import build_optimizer, load_optimizer_state
+from training.builders import LearningRateSchedule, build_optimizer, load_optimizer_state
 from training.checkpoint import latest_checkpoint
 from training.coordination import StopRequested
 from training.data import (
     DistinctRepeats,
+    ImagesToDevice,
     SeededSamples,
     ShardSampler,
     SkipBatches,
@@ -207,6 +208,45 @@ def test_a_nonfinite_loss_skips_the_step_and_five_in_a_row_stop_the_run(tmp_path
     with pytest.raises(TrainingDiverged, match="5 steps in a row"):
         step(99, False)
     assert totals.skipped_steps == 1 + MAX_CONSECUTIVE_NONFINITE
+
+
+def test_the_lr_schedules_step_by_step_with_warmup():
+    """2 epochs of 3 steps, 2 warmup steps; the factors written out by hand from the definitions: warmup
+    (step + 1) / 2 over steps 0-1; cosine (1 + cos(pi x epoch / 2)) / 2 per epoch; poly (1 - (step - 2) / 4)^2
+    after the warmup."""
+    expected = {
+        "constant": [0.5, 1, 1, 1, 1, 1],
+        "cosine": [0.5, 1, 1, 0.5, 0.5, 0.5],
+        "poly": [0.5, 1, 1, 0.5625, 0.25, 0.0625],
+    }
+    for name, factors in expected.items():
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+        schedule = LearningRateSchedule(name, [optimizer], epochs=2, steps_per_epoch=3, warmup_steps=2)
+        lrs = []
+        for step in range(6):
+            schedule.apply(step)
+            lrs.append(optimizer.param_groups[0]["lr"])
+        assert lrs == pytest.approx([0.2 * f for f in factors]), name
+    # --warmup_epochs in whole steps: half a step rounds up, and any warmup lasts at least one step
+    for warmup_epochs, steps in ((0.5, 2), (0.1, 1), (0.0, 0), (1.0, 3)):
+        args = SimpleNamespace(lr_schedule="constant", warmup_epochs=warmup_epochs)
+        assert LearningRateSchedule.for_run(args, [], 2, 3).warmup_steps == steps
+
+
+def test_images_reach_the_model_normalised_with_the_runs_mean_and_std():
+    """The uint8 batch a worker sends becomes (x / 255 - mean) / std with the run's own statistics (those of
+    the checkpoint it starts from), channels_last; None is the default 0.5 / 0.5."""
+    images = torch.randint(
+        0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    for normalization, (m, s) in (({"mean": mean, "std": std}, (mean, std)), (None, ([0.5] * 3, [0.5] * 3))):
+        out = ImagesToDevice(torch.device("cpu"), normalization)(images)
+        by_hand = (images.double() / 255 - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(
+            1, 3, 1, 1
+        )
+        torch.testing.assert_close(out.double(), by_hand, rtol=0, atol=1e-6)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
@@ -635,23 +675,28 @@ def test_auto_resume_takes_the_checkpoint_written_last_and_passes_over_positions
     assert latest_checkpoint(tmp_path, "resnet34", "triplet", world_size=4) is None
 
 
-def test_a_steps_dropout_depends_on_seed_epoch_and_step_not_on_what_ran_before(tmp_path):
-    """So an epoch resumed mid-way draws the masks the uninterrupted epoch drew."""
+def test_a_steps_dropout_depends_on_seed_epoch_step_and_rank_not_on_what_ran_before(tmp_path):
+    """So an epoch resumed mid-way draws the masks the uninterrupted epoch drew, and the processes' masks
+    differ (the same mask on every rank would train DDP on one mask)."""
 
-    def weights_after_step_3(consume_random_numbers_first: bool) -> torch.Tensor:
-        task = LinearTask(Runtime(torch.device("cpu")))
+    def weights_after(epoch=0, step=3, rank=0, seed=0, consume_random_numbers_first=False) -> torch.Tensor:
+        task = LinearTask(Runtime(torch.device("cpu"), rank=rank))
+        task.args.seed = seed
         task.model = task.step_module = nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2))
-        torch.manual_seed(1)  # the same initial weights for both
+        torch.manual_seed(1)  # the same initial weights for every call
         task.model[1].reset_parameters()
         task.optimizers = [torch.optim.SGD(task.model.parameters(), lr=0.1)]
         trainer = Trainer(task, tmp_path, validator=None)
         if consume_random_numbers_first:
             torch.rand(1000)
         inputs = torch.ones(16, 3)
-        trainer.train_step(0, 3, iter([(inputs, True)]), EpochTotals(), StopRequested())
+        trainer.train_step(epoch, step, iter([(inputs, True)]), EpochTotals(), StopRequested())
         return task.model[1].weight.detach().clone()
 
-    assert torch.equal(weights_after_step_3(False), weights_after_step_3(True))
+    reference = weights_after()
+    assert torch.equal(reference, weights_after(consume_random_numbers_first=True))
+    for other in (dict(step=4), dict(epoch=1), dict(rank=1), dict(seed=1)):
+        assert not torch.equal(reference, weights_after(**other)), other
 
 
 @pytest.mark.parametrize("epochs, status", [(2, 143), (1, 0)])  # after the last epoch the run is complete
