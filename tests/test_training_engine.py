@@ -934,3 +934,28 @@ def test_an_fp16_overflow_on_one_process_skips_the_step_and_lowers_the_scale_on_
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["stepped"] is False and result["scale"] == 512.0
         assert torch.equal(result["weight"], initial)
+
+
+def test_a_data_workers_error_ends_the_process_with_its_line(tiny_demo_data, tmp_path):
+    """An identity whose every image is unreadable, found by a data worker: the process prints the one line
+    and exits 2. It used to print the line and then wait for ever at exit on its workers, which ignore
+    SIGTERM (so a cluster job held its GPUs until its time limit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.training_data import REPO
+
+    dataroot = tmp_path / "faces"
+    shutil.copytree(tiny_demo_data.train_dir, dataroot)
+    broken = sorted(path for path in dataroot.iterdir() if path.is_dir())[0]
+    for image in broken.iterdir():
+        image.write_bytes(b"not an image")
+    args = common_args(tiny_demo_data, tmp_path / "run")
+    args[args.index("--dataroot") + 1] = dataroot
+    args[args.index("--num_workers") + 1] = "1"
+    command = [sys.executable, "train_triplet.py", *map(str, args), "--num_triplets_train", "96"]
+    command += ["--batch_size", "8", "--epochs", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: identity '{broken.name}' has no readable image left" in result.stderr

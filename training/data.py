@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
+import multiprocessing
 import signal
 from pathlib import Path
 
@@ -222,6 +224,8 @@ class SeededSamples(Dataset):
 def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int, **sampling) -> DataLoader:
     """A DataLoader over ``dataset`` whose augmentation depends only on (seed, epoch, sample index)."""
     workers = usable_workers(args.num_workers, runtime.local_world_size)
+    if workers:
+        kill_workers_at_exit()
     return DataLoader(
         SeededSamples(dataset, epoch_seed(args.seed, epoch)),
         num_workers=workers,
@@ -232,6 +236,26 @@ def make_loader(dataset, args: argparse.Namespace, runtime: Runtime, epoch: int,
         worker_init_fn=ignore_stop_signals if workers else None,
         **sampling,
     )
+
+
+def kill_workers_at_exit() -> None:
+    """Make sure data workers cannot outlive the main process's exit.
+
+    Workers ignore SIGTERM (`ignore_stop_signals`), and the SIGTERM is all multiprocessing's own exit hook
+    sends them before it waits for them. When the main process exits on an error raised while its workers
+    were loading (a worker's bad image, say), the DataLoader iterator can still be held by the error's
+    traceback, so it never tells them to stop: the process printed its error and then waited for them for
+    ever. This hook, registered after multiprocessing's and so run before it, kills them instead (they hold
+    nothing worth keeping)."""
+    if not getattr(kill_workers_at_exit, "registered", False):
+        atexit.register(_kill_daemonic_children)
+        kill_workers_at_exit.registered = True
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
