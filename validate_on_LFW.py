@@ -89,6 +89,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip_missing", action="store_true", help="drop pairs whose images are missing instead of failing"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the metrics and plots an earlier run left in --output_dir",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -110,26 +115,29 @@ def check_writable_folder(output_dir: Path) -> None:
         raise InputError(f"--output_dir {output_dir}: {existing} is not writable")
 
 
-def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path) -> None:
-    """Refuse to replace results that another checkpoint (or someone else) wrote at these paths.
-
-    Re-running on the same checkpoint replaces its own previous JSON and plot; anything we cannot prove
-    is ours (a JSON for another checkpoint, an unreadable one, a plot without its JSON) stays untouched.
-    """
-    if json_path.exists():
-        try:
-            previous = json.loads(json_path.read_text())["checkpoint"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            previous = None
-        if previous is None or Path(previous).resolve() != checkpoint_path.resolve():
-            raise InputError(
-                f"{json_path} already exists and holds results of another checkpoint ({previous}); "
-                "choose another --output_dir"
-            )
-    elif plot_path.exists():
+def check_overwrite(json_path: Path, plot_path: Path, checkpoint_path: Path, overwrite: bool = False) -> None:
+    """Refuse to replace earlier results at these paths unless --overwrite is given: a re-run with other
+    pairs, another --image_size or --skip_missing would otherwise replace the numbers of the first one
+    without a word. The message says whose results they are (this checkpoint's, another's, unknown)."""
+    if overwrite or not (json_path.exists() or plot_path.exists()):
+        return
+    if not json_path.exists():
         raise InputError(
-            f"{plot_path} already exists and was not written for this checkpoint; choose another --output_dir"
+            f"{plot_path} already exists and was not written for this checkpoint; choose another --output_dir "
+            "or pass --overwrite"
         )
+    try:
+        previous = json.loads(json_path.read_text())["checkpoint"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    whose = (
+        "this checkpoint's earlier results"
+        if previous is not None and Path(previous).resolve() == checkpoint_path.resolve()
+        else f"results of another checkpoint ({previous})"
+    )
+    raise InputError(
+        f"{json_path} already holds {whose}; pass --overwrite to replace them or choose another --output_dir"
+    )
 
 
 def lfw_report(
@@ -248,7 +256,7 @@ def run(args) -> dict:
     output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
     paths = {name: output_paths(output_dir, args.flip, name) for name, _ in targets}
     for json_path, plot_path in paths.values():
-        check_overwrite(json_path, plot_path, args.model_path)
+        check_overwrite(json_path, plot_path, args.model_path, args.overwrite)
     check_writable_folder(Path(output_dir))  # before minutes of embedding, not after them
 
     loaded = load_checkpoint(args.model_path, device, image_size=args.image_size, preprocess=args.preprocess)

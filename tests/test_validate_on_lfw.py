@@ -258,13 +258,15 @@ def test_command_resnet18_matches_a_pair_by_pair_oracle(tmp_path, capsys):
     assert f"Accuracy on LFW: {accuracy:.4f}" in capsys.readouterr().out
 
 
-def test_results_of_another_checkpoint_are_never_overwritten(tmp_path):
+def test_earlier_results_are_replaced_only_with_overwrite(tmp_path):
     json_path, plot_path = validate_on_LFW.output_paths(tmp_path, flip=False)
     assert validate_on_LFW.output_paths(tmp_path, flip=True)[0].name == "lfw_metrics_flip.json"
     mine, other = tmp_path / "mine.pt", tmp_path / "other.pt"
     validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # nothing there yet
     write_json_atomic({"checkpoint": {"path": str(mine.resolve())}}, json_path)
-    validate_on_LFW.check_overwrite(json_path, plot_path, mine)  # its own previous results: fine
+    # its own earlier results too: a re-run with other pairs or settings would replace them silently
+    with pytest.raises(validate_on_LFW.InputError, match="already holds this checkpoint's earlier results"):
+        validate_on_LFW.check_overwrite(json_path, plot_path, mine)
     with pytest.raises(validate_on_LFW.InputError, match="another checkpoint"):
         validate_on_LFW.check_overwrite(json_path, plot_path, other)
     json_path.write_text("not json")
@@ -275,6 +277,7 @@ def test_results_of_another_checkpoint_are_never_overwritten(tmp_path):
     with pytest.raises(validate_on_LFW.InputError, match="not written for this checkpoint"):
         validate_on_LFW.check_overwrite(json_path, plot_path, mine)
     assert plot_path.read_bytes() == b"someone's plot"
+    validate_on_LFW.check_overwrite(json_path, plot_path, other, overwrite=True)  # asked for: allowed
 
 
 def test_command_refuses_to_overwrite_and_keeps_the_file(tmp_path, capsys):
@@ -290,6 +293,11 @@ def test_command_refuses_to_overwrite_and_keeps_the_file(tmp_path, capsys):
     assert status == 2
     assert (output_dir / "lfw_metrics.json").read_text() == previous
     assert capsys.readouterr().err.startswith("error: ")
+    # the same command with --overwrite replaces them with this checkpoint's
+    command = ["--model_path", str(checkpoint), "--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS)]
+    assert main([*command, "--output_dir", str(output_dir), "--overwrite"]) == 0
+    written = json.loads((output_dir / "lfw_metrics.json").read_text())
+    assert written["checkpoint"]["path"] == str(checkpoint.resolve())
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
