@@ -53,7 +53,7 @@ from torch import nn
 
 from datasets.face_alignment import Alignment, default_alignment
 from datasets.transforms import eval_transform
-from errors import InputError
+from errors import InputError, no_file_reason
 from models import MODEL_NAMES, Preprocessing, build_model, min_image_size
 from models.preprocessing import PREPROCESS_PRESETS, preset_help
 
@@ -230,7 +230,7 @@ def read_checkpoint(path) -> dict:
     """The checkpoint dict at `path`, read safely (weights only, numpy float64 scalars allowed)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
+        raise InputError(f"checkpoint {path}: {no_file_reason(path)}")
     try:
         with torch.serialization.safe_globals(SAFE_NUMPY_GLOBALS), warnings.catch_warnings():
             # files pickled with another protocol load fine but warn; the user can do nothing about it

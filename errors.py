@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from numbers import Integral
+from pathlib import Path
 
 
 class InputError(ValueError):
@@ -33,6 +34,11 @@ def one_line(error: Exception) -> str:
         prefix, _, message = lines[-1].partition(": ")
         return message if prefix.endswith("InputError") else lines[-1]
     return " ".join(lines)
+
+
+def no_file_reason(path) -> str:
+    """Why a path that should name a file does not: "no such file", or that it is a folder."""
+    return "a folder, not a file" if Path(path).is_dir() else "no such file"
 
 
 def require_int(value, name: str, minimum: int = 1) -> int:

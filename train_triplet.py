@@ -308,6 +308,12 @@ class TripletTask(TrainingTask):
         images_per_step = (
             args.identities_per_batch * args.images_per_identity if self.online else args.batch_size
         )
+        if self.online and images_per_step != args.batch_size:
+            log.info(
+                f"batches of {args.identities_per_batch} identities x {args.images_per_identity} images = "
+                f"{images_per_step} images, not --batch_size {args.batch_size}"
+                + (" (--identities_per_batch decides)" if was_given(args, "identities_per_batch") else "")
+            )
         self.num_steps = math.ceil((args.num_triplets_train // runtime.world_size) / images_per_step)
         if self.online:
             self.dataset = LabelledFaceDataset(args.dataroot, csv_path, transform=transform)

@@ -147,7 +147,8 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys):
     not_an_image.write_text("hello")
     cases = {
         "exactly two images": ["--model_path", model, a],
-        "checkpoint not found": ["--model_path", str(tmp_path / "none.pt"), a, b],
+        "none.pt: no such file": ["--model_path", str(tmp_path / "none.pt"), a, b],
+        "photos: a folder, not a file": ["--model_path", str(photos), a, b],
         "image not found": ["--model_path", model, a, str(tmp_path / "ghost.png")],
         "could not read image": ["--model_path", model, a, str(not_an_image)],
         "stores no best_distance_threshold": ["--model_path", str(files / "no_threshold.pt"), a, b],

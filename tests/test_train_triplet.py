@@ -97,6 +97,11 @@ def test_other_selection_rules_train(tiny_demo_data, tmp_path, selection):
     assert checkpoint["args"]["triplet_selection"] == selection.removesuffix("-selection-pass")
     assert checkpoint["args"]["selection_pass"] is selection.endswith("-selection-pass")
     assert checkpoint["history"]["epochs"] == [1]
+    # --identities_per_batch 4 x 3 images overrides --batch_size 8, and the log says so
+    note = (
+        "batches of 4 identities x 3 images = 12 images, not --batch_size 8 (--identities_per_batch decides)"
+    )
+    assert (note in (tmp_path / selection / "train.log").read_text()) is selection.startswith("batch")
 
 
 @pytest.mark.parametrize(
@@ -142,6 +147,8 @@ def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra, most_triplets)
         (["--lfw", "/nonexistent/lfw"], "--lfw /nonexistent/lfw: no such folder"),
         (["--lfw_pairs", "/nonexistent/pairs.txt"], "--lfw_pairs /nonexistent/pairs.txt: no such file"),
         (["--resume_path", "/nonexistent/ckpt.pt"], "--resume_path /nonexistent/ckpt.pt: no such file"),
+        (["--resume_path", "/tmp"], "--resume_path /tmp: a folder, not a file"),
+        (["--init_from", "/tmp"], "--init_from /tmp: a folder, not a file"),
     ],
 )
 def test_bad_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change, message):
@@ -204,6 +211,21 @@ def test_a_run_refused_for_bad_data_leaves_its_folder_free(tiny_demo_data, tmp_p
         assert output_dir == made and list(made.iterdir()) == [] or not output_dir.exists()
         assert run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1")) == 0
         assert (output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt").is_file()
+
+
+def test_an_earlier_run_without_a_checkpoint_is_not_offered_for_resuming(tmp_path):
+    """A run that failed mid-epoch (bad data found late) leaves its log and settings but no checkpoint: the
+    refusal says so rather than pointing at a --resume_path there is nothing for."""
+    from errors import InputError
+    from training.checkpoint import claim_output_dir
+
+    (tmp_path / "run_config.json").write_text('{"task": "triplet"}')
+    with pytest.raises(InputError, match="holds an earlier run that saved no checkpoint"):
+        claim_output_dir(tmp_path, {"task": "triplet"}, resuming=False)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model_resnet18_triplet_epoch_1.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="holds an earlier run; resume it with --resume_path"):
+        claim_output_dir(tmp_path, {"task": "triplet"}, resuming=False)
 
 
 def test_never_writes_into_another_runs_folder(tiny_demo_data, tmp_path, capsys):

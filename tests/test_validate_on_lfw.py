@@ -308,7 +308,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     broken_pairs.write_text("10\t300\nAaron_Peirsol 1\n")
     base = ["--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS), "--output_dir", str(tmp_path / "o")]
     cases = {
-        "checkpoint not found": ["--model_path", str(tmp_path / "missing.pt")] + base,
+        "missing.pt: no such file": ["--model_path", str(tmp_path / "missing.pt")] + base,
+        f"checkpoint {tmp_path}: a folder, not a file": ["--model_path", str(tmp_path)] + base,
         "could not read checkpoint": ["--model_path", str(not_a_checkpoint)] + base,
         "--lfw: folder not found": ["--model_path", str(checkpoint), "--lfw", str(tmp_path / "nope")]
         + base[2:],

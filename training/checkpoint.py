@@ -227,6 +227,11 @@ def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None
             "choose a new --output_dir"
         ) from None
     if not resuming:
+        if not any((output_dir / "checkpoints").glob("*.pt")):
+            raise InputError(
+                f"--output_dir {output_dir}: the folder holds an earlier run that saved no checkpoint (its "
+                "train.log says how it ended); choose a new --output_dir, or delete that run's files"
+            )
         raise InputError(
             f"--output_dir {output_dir}: the folder holds an earlier run; resume it with --resume_path "
             "or choose a new --output_dir"

@@ -14,7 +14,7 @@ from datasets.image_files import is_recordio
 from datasets.lfw_dataset import resolve_lfw_pairs
 from demo.make_demo_dataset import make_demo_dataset
 from devices import AMP_CHOICES
-from errors import InputError, report_input_errors, require_int
+from errors import InputError, no_file_reason, report_input_errors, require_int
 from models import MODEL_NAMES, min_image_size
 from training.builders import LR_SCHEDULES, OPTIMIZERS
 
@@ -365,7 +365,7 @@ def check_common_args(args: argparse.Namespace) -> None:
         if args.output_dir is None:
             raise InputError("--resume_path auto needs --output_dir (the folder to look for checkpoints in)")
     elif args.resume_path is not None and not Path(args.resume_path).is_file():
-        raise InputError(f"--resume_path {args.resume_path}: no such file")
+        raise InputError(f"--resume_path {args.resume_path}: {no_file_reason(args.resume_path)}")
     check_init_args(args)
     smallest = min_image_size(args.model)
     if args.image_size < smallest:
@@ -379,7 +379,7 @@ def check_common_args(args: argparse.Namespace) -> None:
         args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
     for target in args.val_targets:
         if not Path(target).is_file():
-            raise InputError(f"--val_targets {target}: no such file")
+            raise InputError(f"--val_targets {target}: {no_file_reason(target)}")
     names = [Path(target).stem for target in args.val_targets]
     if args.lfw is not None and "lfw" in names:
         clash = args.val_targets[names.index("lfw")]
@@ -409,7 +409,7 @@ def check_init_args(args: argparse.Namespace) -> None:
     if args.pretrained:
         raise InputError("--init_from and --pretrained both choose the starting weights: give one of them")
     if not Path(args.init_from).is_file():
-        raise InputError(f"--init_from {args.init_from}: no such file")
+        raise InputError(f"--init_from {args.init_from}: {no_file_reason(args.init_from)}")
 
 
 def check_dataroot(args: argparse.Namespace) -> None:
@@ -417,7 +417,7 @@ def check_dataroot(args: argparse.Namespace) -> None:
     dataroot = Path(args.dataroot)
     if is_recordio(dataroot):
         if not dataroot.is_file():
-            raise InputError(f"--dataroot {args.dataroot}: no such file")
+            raise InputError(f"--dataroot {args.dataroot}: {no_file_reason(args.dataroot)}")
         if not dataroot.with_suffix(".idx").is_file():
             raise InputError(
                 f"--dataroot {args.dataroot}: its index {dataroot.with_suffix('.idx')} is missing"
@@ -430,7 +430,7 @@ def check_dataroot(args: argparse.Namespace) -> None:
     if not any(dataroot.iterdir()):
         raise InputError(f"--dataroot {args.dataroot}: the folder is empty")
     if args.dataset_csv is not None and not Path(args.dataset_csv).is_file():
-        raise InputError(f"--dataset_csv {args.dataset_csv}: no such file")
+        raise InputError(f"--dataset_csv {args.dataset_csv}: {no_file_reason(args.dataset_csv)}")
 
 
 def run_script(main_body, argv: list[str] | None) -> int:
