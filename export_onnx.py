@@ -131,9 +131,9 @@ def export(loaded: LoadedModel, opset: int):
 def run(args) -> None:
     import onnx  # only this command needs onnx
 
-    refuse_to_replace(args.output, args.overwrite)
-    if args.output.suffix.lower() != ".onnx":
+    if args.output.suffix.lower() != ".onnx" or args.output.is_dir():
         raise InputError(f"the output should be a .onnx file, got {args.output}")
+    refuse_to_replace(args.output, args.overwrite)
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= args.opset <= newest:
         raise InputError(
