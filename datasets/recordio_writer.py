@@ -84,7 +84,7 @@ def write_recordio(
 
     directory = os.path.dirname(os.path.abspath(rec_path))
     os.makedirs(directory, exist_ok=True)
-    next_key, end_offset = _resume_point(rec_path, idx_path, listing_id)
+    next_key, end_offset = _resume_point(rec_path, idx_path, listing_id, encode_record(placeholder))
     num_records = 1 + num_images + num_classes
     if next_key > num_records:
         raise InputError(
@@ -170,6 +170,20 @@ def _append(rec, idx, key: int, payload: bytes) -> None:
     idx.flush()
 
 
+def _start_afresh(rec_path: str, idx_path: str, rec_size: int, first_record: bytes) -> tuple[int, int]:
+    if rec_size:
+        with open(rec_path, "rb") as rec:
+            start = rec.read(len(first_record) + 1)
+        if not first_record.startswith(start):
+            raise InputError(
+                f"{rec_path} exists and is not a pack this command began ({idx_path} lists none of its "
+                "records); delete both, or choose another output"
+            )
+    with open(idx_path, "wb"):
+        pass
+    return 0, 0
+
+
 def _record_end(rec, offset: int, rec_size: int) -> int | None:
     """Where the record starting at ``offset`` ends (all of its parts), or None if it is not whole there."""
     first = True
@@ -249,10 +263,13 @@ def _whole_records(rec, offsets: np.ndarray, rec_size: int) -> int:
     return len(offsets)
 
 
-def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, int]:
+def _resume_point(rec_path: str, idx_path: str, listing_id: int, first_record: bytes) -> tuple[int, int]:
     """(next key to write, byte where it goes) after what an earlier run left; (0, 0) to start afresh.
 
-    Also cuts the index back to its whole lines whose records are whole.
+    Also cuts the index back to its whole lines whose records are whole. Starting afresh over an existing
+    .rec is allowed only when it holds at most the start of this pack's own first record (``first_record``,
+    the framed placeholder header, which a run killed before its first index line leaves): anything else is
+    someone's file, and is refused rather than overwritten.
     """
     rec_size = os.path.getsize(rec_path) if os.path.exists(rec_path) else 0
     idx_data = b""
@@ -262,9 +279,7 @@ def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, i
     if not idx_data.strip():
         if rec_size > HEADER_RECORD_SIZE:  # at most our own placeholder, written before its index line
             raise InputError(f"{rec_path} exists but {idx_path} lists no records; delete both to pack again")
-        with open(idx_path, "wb"):
-            pass
-        return 0, 0
+        return _start_afresh(rec_path, idx_path, rec_size, first_record)
 
     if not os.path.exists(rec_path):
         raise InputError(f"{idx_path} lists records but {rec_path} does not exist; delete it to pack again")
@@ -285,9 +300,7 @@ def _resume_point(rec_path: str, idx_path: str, listing_id: int) -> tuple[int, i
             )
             end_offset = int(last_end)
     if valid == 0:
-        with open(idx_path, "wb"):
-            pass
-        return 0, 0
+        return _start_afresh(rec_path, idx_path, rec_size, first_record)
     with open(idx_path, "r+b") as f:
         f.truncate(int(line_ends[valid - 1]))
     return valid, end_offset

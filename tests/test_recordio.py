@@ -207,6 +207,48 @@ def test_resumed_pack_is_byte_identical(make_face_tree, tmp_path, monkeypatch, n
     assert idx_path.read_bytes() == Path(whole.idx_path).read_bytes()
 
 
+def test_a_pack_killed_inside_its_first_record_starts_again(make_face_tree, tmp_path, monkeypatch):
+    """Killed while writing the placeholder header, before its index line: the .rec holds the start of
+    this pack's own first record and nothing lists it; the next run starts afresh."""
+    root = make_face_tree(counts=(3, 1, 2))
+    whole = write_recordio(root, tmp_path / "whole" / "train.rec")
+
+    def killed(rec, idx, key, payload):
+        rec.write(encode_record(payload)[:10])
+        raise KeyboardInterrupt
+
+    rec_path = tmp_path / "resumed" / "train.rec"
+    monkeypatch.setattr(recordio_writer, "_append", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_recordio(root, rec_path)
+    monkeypatch.undo()
+    assert rec_path.stat().st_size == 10 and rec_path.with_suffix(".idx").read_bytes() == b""
+    assert write_recordio(root, rec_path).num_resumed == 0
+    assert rec_path.read_bytes() == Path(whole.rec_path).read_bytes()
+
+
+@pytest.mark.parametrize("case", ["shifted-index", "small-file-no-index"])
+def test_a_rec_this_pack_did_not_begin_is_never_overwritten(packed_tree, make_face_tree, tmp_path, case):
+    """Another dataset's .rec whose index lists none of its records whole (offsets shifted by hand), or a
+    small file of the user's at the output path: both used to be overwritten from byte 0, exit 0."""
+    _, other_rec = packed_tree
+    rec_path = tmp_path / "victim.rec"
+    idx_path = rec_path.with_suffix(".idx")
+    if case == "shifted-index":
+        rec_path.write_bytes(other_rec.read_bytes())
+        lines = other_rec.with_suffix(".idx").read_text().splitlines()
+        idx_path.write_text(
+            "".join(f"{k}\t{int(o) + 10_000_000}\n" for k, o in (line.split("\t") for line in lines))
+        )
+    else:
+        rec_path.write_bytes(b"hello")
+    before = rec_path.read_bytes()
+    root = make_face_tree(counts=(2, 2), root=tmp_path / "faces")
+    with pytest.raises(InputError, match="victim.rec exists and is not a pack this command began"):
+        write_recordio(root, rec_path)
+    assert rec_path.read_bytes() == before
+
+
 def test_resume_drops_a_listed_record_cut_short(packed_tree, make_face_tree, tmp_path, monkeypatch):
     root, rec_path = packed_tree
     whole_rec, whole_idx = rec_path.read_bytes(), rec_path.with_suffix(".idx").read_bytes()
