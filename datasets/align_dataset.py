@@ -195,6 +195,14 @@ def read_previous_report(config):
     """The report of an earlier run into the same output folder, or None; refuses different settings."""
     path = Path(config.output_dir) / REPORT_NAME
     if not path.exists():
+        output_dir = Path(config.output_dir)
+        if output_dir.is_dir() and any(output_dir.iterdir()):
+            # crops of unknown settings (another tool's, or of a run killed before its report existed):
+            # adding ours would mix two crop rules in one dataset
+            raise InputError(
+                f"--output_dir {output_dir} holds files but no {REPORT_NAME}, so not crops this tool can add "
+                "to; use an empty or new folder"
+            )
         return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -348,6 +356,9 @@ def align_dataset(config, num_workers=1, batch_size=16, retry_failed=False, prog
         retry_failed = True  # its failures were decided with other detection settings
     todo, outcomes = plan_work(relative_paths, config, previous_report, retry_failed)
     processed = 0
+    # the settings are on disk before the first crop: even a run killed outright (SIGKILL, out of memory),
+    # whose final report below never comes, leaves a folder the next run can check and resume
+    write_report(build_report(config, relative_paths, outcomes, processed), config.output_dir)
     try:
         for relative_path, status, detail in run_alignment(todo, config, num_workers, batch_size, progress):
             outcomes[relative_path] = (status, detail)

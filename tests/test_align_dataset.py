@@ -339,6 +339,34 @@ def test_tool_mirrors_the_tree_reports_failures_and_resumes(photo_tree, tmp_path
     assert (out / REPORT_NAME).read_bytes() == before
 
 
+def test_a_folder_of_crops_without_a_report_is_not_added_to(photo_tree, tmp_path, capsys):
+    """Crops of unknown settings (another tool's): adding ours would mix two crop rules in one dataset."""
+    out = tmp_path / "aligned"
+    (out / "Alice_A").mkdir(parents=True)
+    (out / "Alice_A" / "Alice_A_0001.png").write_bytes(b"someone's 64 px crop")
+    argv = ["--input_dir", str(photo_tree), "--output_dir", str(out), "--num_workers", "0", "--no-progress"]
+    assert align_dataset.main(argv) == 2
+    assert f"--output_dir {out} holds files but no {REPORT_NAME}" in capsys.readouterr().err
+    assert [p.name for p in out.rglob("*")] == ["Alice_A", "Alice_A_0001.png"]
+
+
+def test_the_report_is_on_disk_before_the_first_crop(photo_tree, tmp_path, monkeypatch):
+    """So a run killed outright (SIGKILL, out of memory: no finally runs) leaves a folder the next run can
+    check and resume, not crops without settings."""
+    out = tmp_path / "aligned"
+    seen = []
+
+    def first_crop_killed(todo, config, *args):
+        seen.append(json.loads((out / REPORT_NAME).read_text()))
+        yield from ()
+
+    monkeypatch.setattr(align_dataset, "run_alignment", first_crop_killed)
+    argv = ["--input_dir", str(photo_tree), "--output_dir", str(out), "--num_workers", "0", "--no-progress"]
+    assert align_dataset.main(argv) == 0
+    (report,) = seen
+    assert report["settings"]["margin"] == 32 and report["totals"]["not_processed"] == 6
+
+
 @pytest.mark.parametrize(
     "content",
     [
