@@ -284,8 +284,28 @@ def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tm
 
 
 def test_the_nonfinite_streak_runs_across_epochs(tiny_demo_data, tmp_path, monkeypatch, capsys):
-    """Three steps an epoch, every loss NaN: the streak reaches five in epoch two (it used to restart with
-    each epoch, so a run with short epochs trained nothing and still exited 0)."""
+    """Three steps an epoch, the first finite and every later loss NaN: the streak reaches five in epoch
+    two (it used to restart with each epoch, so a run of short epochs never stopped)."""
+    calls = []
+
+    def nan_after_the_first(self, step_module, batch):
+        out = real_step(self, step_module, batch)
+        calls.append(1)
+        if len(calls) == 1:
+            return out
+        return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
+
+    real_step = train_triplet.TripletTask.step
+    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_after_the_first)
+    args = common_args(tiny_demo_data, tmp_path / "run")
+    args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "4"]
+    assert train_triplet.main([str(a) for a in args]) == 3
+    assert "5 steps in a row had a non-finite loss (epoch 2, step 3)" in capsys.readouterr().out
+
+
+def test_an_epoch_in_which_no_step_trained_ends_the_run(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    """Every step of a short epoch skipped (a --margin_scale too large for float32, say): the run used to
+    save the untrained weights as that epoch's checkpoint and exit 0."""
 
     def nan_step(self, step_module, batch):
         out = real_step(self, step_module, batch)
@@ -294,9 +314,10 @@ def test_the_nonfinite_streak_runs_across_epochs(tiny_demo_data, tmp_path, monke
     real_step = train_triplet.TripletTask.step
     monkeypatch.setattr(train_triplet.TripletTask, "step", nan_step)
     args = common_args(tiny_demo_data, tmp_path / "run")
-    args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "4"]
+    args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "1"]
     assert train_triplet.main([str(a) for a in args]) == 3
-    assert "5 steps in a row had a non-finite loss (epoch 2, step 2)" in capsys.readouterr().out
+    assert "no step of epoch 1 trained (3 skipped" in capsys.readouterr().out
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
 def poison_running_mean(task):
@@ -959,3 +980,30 @@ def test_a_data_workers_error_ends_the_process_with_its_line(tiny_demo_data, tmp
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: identity '{broken.name}' has no readable image left" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "raised, pretrained, expected",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2e11 bytes"), False,
+         "--model resnet18 with --embedding_dim 64 does not fit in memory (DefaultCPUAllocator"),
+        (RuntimeError("HTTP Error 404"), True, "--pretrained: HTTP Error 404"),
+        (RuntimeError("a bug"), False, None),  # not the user's: its traceback is kept
+    ],
+)  # fmt: skip
+def test_a_model_that_cannot_be_built_names_the_flag_responsible(monkeypatch, raised, pretrained, expected):
+    """An --embedding_dim too large for memory was reported as a --pretrained problem (which was not given)."""
+    import training.builders as builders
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(builders, "build_model", fail)
+    args = SimpleNamespace(model="resnet18", embedding_dim=64, pretrained=pretrained)
+    if expected is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            builders.build_embedding_model(args, torch.device("cpu"))
+    else:
+        with pytest.raises(InputError) as error:
+            builders.build_embedding_model(args, torch.device("cpu"))
+        assert str(error.value).startswith(expected)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from errors import InputError
+from errors import InputError, first_line
 from models import build_model
 
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
@@ -77,8 +77,16 @@ def build_embedding_model(
         )
     except ValueError as error:  # weights the model has none of, e.g. --pretrained vggface2 on a ResNet
         raise InputError(f"--pretrained {args.pretrained}: {error}") from None
-    except RuntimeError as error:  # published weights that could not be downloaded
-        raise InputError(f"--pretrained: {error}") from None
+    except RuntimeError as error:
+        if isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error):
+            classes = f" and {num_classes} identities" if num_classes else ""
+            raise InputError(
+                f"--model {args.model} with --embedding_dim {args.embedding_dim}{classes} does not fit in "
+                f"memory ({first_line(error)})"
+            ) from None
+        if args.pretrained:  # published weights that could not be downloaded
+            raise InputError(f"--pretrained: {error}") from None
+        raise
     return model.to(device, memory_format=torch.channels_last)
 
 

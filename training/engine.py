@@ -401,6 +401,12 @@ class Trainer:
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
         self.check_finite_state(completed)
+        if totals.count == 0 and totals.skipped_steps > 0:  # the same on every process (agreed per step)
+            raise TrainingDiverged(
+                f"stopping: no step of epoch {completed} trained ({totals.skipped_steps} skipped for a "
+                "non-finite loss or an fp16 overflow), so it is not saved; lower --lr, --margin_scale or "
+                "--logit_scale, or try --amp off"
+            )
         if self.runtime.is_main:  # the other processes wait for it in the checkpoint's collectives
             try:
                 if validate:
