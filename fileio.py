@@ -21,6 +21,8 @@ from errors import InputError
 def refuse_to_replace(path, overwrite: bool, flag: str = "") -> None:
     """An InputError when ``path`` exists and ``--overwrite`` was not given: earlier results are never replaced
     unasked. ``flag`` (e.g. ``--output``) leads the message when given."""
+    if Path(path).is_dir():  # --overwrite could not help: a folder is not replaced by a file
+        raise InputError(f"{flag + ' ' if flag else ''}{path} is a folder; name a file")
     if Path(path).exists() and not overwrite:
         raise InputError(f"{flag + ' ' if flag else ''}{path} exists; pass --overwrite to replace it")
 

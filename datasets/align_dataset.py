@@ -57,6 +57,7 @@ from fileio import atomic_write, write_json_atomic
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg")}
 REPORT_NAME = "alignment_report.json"
+MAX_CROP_SIDE = 4096
 # settings that decide what an output file looks like; a resumed run must use the same ones
 OUTPUT_SETTINGS = ("template", "image_size", "margin", "format")
 # settings that decide whether a face is found; a resumed run that changes them tries the failures again
@@ -380,8 +381,8 @@ def config_from_args(args):
         args.image_size if args.image_size is not None else (112 if args.template == "arcface112" else 160)
     )
     margin = 0 if args.template == "arcface112" else (args.margin if args.margin is not None else 32)
-    if image_size < 1:
-        raise InputError(f"--image_size must be positive, got {image_size}")
+    if not 1 <= image_size <= MAX_CROP_SIDE:  # a typo like 100000 would need tens of GB per crop
+        raise InputError(f"--image_size must be from 1 to {MAX_CROP_SIDE}, got {image_size}")
     if not 0 <= margin < image_size:
         raise InputError(
             f"--margin must be in [0, --image_size), got {margin} with --image_size {image_size}"

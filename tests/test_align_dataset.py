@@ -459,6 +459,10 @@ def test_tool_with_worker_processes_and_arcface_template(photo_tree, tmp_path):
         (["--input_dir", "{tmp}/raw", "--output_dir", "{tmp}/raw/aligned"], "inside --input_dir"),
         (["--input_dir", "{tmp}/raw", "--output_dir", "{tmp}/out", "--margin", "160"], "--margin"),
         (
+            ["--input_dir", "{tmp}/raw", "--output_dir", "{tmp}/out", "--image_size", "100000"],
+            "--image_size must be from 1 to 4096, got 100000",
+        ),
+        (
             [
                 "--input_dir",
                 "{tmp}/raw",

@@ -25,3 +25,17 @@ def test_a_failure_inside_the_block_keeps_the_old_file_and_removes_the_temporary
             raise RuntimeError("disk full")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
+
+
+def test_refuse_to_replace_names_a_folder_as_a_folder(tmp_path):
+    """--overwrite cannot turn a folder into a file: say so instead of offering it."""
+    from errors import InputError
+    from fileio import refuse_to_replace
+
+    (tmp_path / "old.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"--output .*old\.bin exists; pass --overwrite"):
+        refuse_to_replace(tmp_path / "old.bin", overwrite=False, flag="--output")
+    refuse_to_replace(tmp_path / "old.bin", overwrite=True, flag="--output")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=f"--output {tmp_path} is a folder; name a file"):
+            refuse_to_replace(tmp_path, overwrite=overwrite, flag="--output")
