@@ -269,8 +269,10 @@ def run(args) -> dict:
     )
     # every target's files are read and checked before the first is embedded: a bad one fails in seconds
     opened = {name: open_target(name, path, args, loaded.transform()) for name, path in targets}
-    for name, (dataset, _) in opened.items():
-        check_pair_labels(dataset.issame, "LFW" if name == "lfw" else name)
+    for name, path in targets:
+        check_pair_labels(
+            opened[name][0].issame, f"--lfw {path}" if name == "lfw" else f"--val_targets {path}"
+        )
     reports = {
         name: evaluate_target(name, opened[name], loaded, args, device, amp_dtype, paths[name])
         for name, _ in targets

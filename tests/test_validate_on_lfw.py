@@ -353,7 +353,8 @@ def test_a_target_that_cannot_be_evaluated_fails_before_any_is_embedded(tmp_path
     assert main([*args, "--val_targets", str(same_only), "--output_dir", str(tmp_path / "o")]) == 2
     captured = capsys.readouterr()
     assert captured.err == (
-        "error: same_only: 4 same-person and 0 different-person pairs; the protocol needs at least 2 of each\n"
+        f"error: --val_targets {same_only}: 4 same-person and 0 different-person pairs; the protocol needs at "
+        "least 2 of each\n"
     )
     assert "Accuracy" not in captured.out and not (tmp_path / "o").exists()
 
