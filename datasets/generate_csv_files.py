@@ -118,6 +118,14 @@ def _list_identity_folders(dataroot: str) -> tuple[list[str], int]:
     return sorted(names), num_skipped
 
 
+def print_bad_images(bad_images: list[str], shown: int = 20) -> None:
+    """The images --verify left out, the first ``shown`` of them by name."""
+    if bad_images:
+        print(f"{len(bad_images)} unreadable images left out:", *bad_images[:shown], sep="\n  ")
+        if len(bad_images) > shown:
+            print(f"  ... and {len(bad_images) - shown} more")
+
+
 def _scan_folder(dataroot: str, name: str, verify: bool) -> _Folder:
     folder = os.path.join(dataroot, name)
     images, num_skipped, bad = [], 0, []
@@ -191,11 +199,7 @@ def main(argv=None) -> int:
             f"wrote {args.csv_name}: {summary.num_images} images of {summary.num_identities} identities "
             f"({summary.num_skipped_files} non-image entries skipped)"
         )
-        if summary.bad_images:
-            shown = summary.bad_images[:20]
-            print(f"{len(summary.bad_images)} unreadable images left out:", *shown, sep="\n  ")
-            if len(summary.bad_images) > len(shown):
-                print(f"  ... and {len(summary.bad_images) - len(shown)} more")
+        print_bad_images(summary.bad_images)
         return 0
 
     return report_input_errors(body)

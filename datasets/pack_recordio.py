@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datasets.generate_csv_files import default_num_workers
+from datasets.generate_csv_files import default_num_workers, print_bad_images
 from datasets.recordio_writer import write_recordio
 from errors import InputError, report_input_errors
 
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
             f"wrote {summary.rec_path} and {summary.idx_path}: {summary.num_images} images of "
             f"{summary.num_identities} identities{resumed}"
         )
+        print_bad_images(summary.bad_images)
         return 0
 
     return report_input_errors(body)

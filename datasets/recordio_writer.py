@@ -42,6 +42,7 @@ class PackSummary(NamedTuple):
     num_resumed: int  # records (header and images included) already complete from an interrupted run
     rec_path: str
     idx_path: str
+    bad_images: list[str]  # left out by --verify: they did not decode
 
 
 def write_recordio(
@@ -73,7 +74,7 @@ def write_recordio(
     idx_path = os.fspath(idx_path) if idx_path is not None else index_path_for(rec_path)
     if os.path.abspath(rec_path) == os.path.abspath(idx_path):
         raise InputError(f"the .rec and its index must be two files, both are {rec_path}")
-    table = _list_dataset(dataroot, verify, num_workers)
+    table, bad_images = _list_dataset(dataroot, verify, num_workers)
     num_images, num_classes = len(table.paths), table.num_classes
     _check_key_range(num_images, num_classes)
     listing_id = int.from_bytes(bytes.fromhex(table.fingerprint)[:8], "little")
@@ -100,15 +101,16 @@ def write_recordio(
             next_key = 1
         _append_records(rec, idx, table, next_key, num_records, progress)
         _finish(rec, idx, final_header)
-    return PackSummary(num_images, num_classes, num_resumed, rec_path, idx_path)
+    return PackSummary(num_images, num_classes, num_resumed, rec_path, idx_path, bad_images)
 
 
-def _list_dataset(dataroot, verify: bool, num_workers: int | None) -> FaceTable:
-    """`generate_csv`'s listing of `dataroot` read back as a FaceTable; the CSV lives in a temporary folder."""
+def _list_dataset(dataroot, verify: bool, num_workers: int | None) -> tuple[FaceTable, list[str]]:
+    """`generate_csv`'s listing of `dataroot` read back as a FaceTable, and the images --verify left out; the
+    CSV lives in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="pack-recordio-") as work_dir:
         csv_path = os.path.join(work_dir, "listing.csv")
-        generate_csv(dataroot, csv_path, verify=verify, num_workers=num_workers)
-        return read_face_csv(dataroot, csv_path)
+        listing = generate_csv(dataroot, csv_path, verify=verify, num_workers=num_workers)
+        return read_face_csv(dataroot, csv_path), listing.bad_images
 
 
 def _check_key_range(num_images: int, num_classes: int) -> None:

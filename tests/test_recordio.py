@@ -394,6 +394,18 @@ def test_cli_packs_and_reports_bad_input(tiny_face_tree, tmp_path, capsys):
     assert rec_path.with_suffix(".idx").read_bytes() == before
 
 
+def test_cli_verify_names_the_images_it_leaves_out(tiny_face_tree, tmp_path, capsys):
+    broken = sorted(tiny_face_tree.rglob("*.jpg"))[0]
+    broken.write_bytes(b"not a jpeg")
+    rec_path = tmp_path / "verified.rec"
+    argv = ["--dataroot", str(tiny_face_tree), "--output", str(rec_path), "--no-progress", "--verify"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "11 images of 4 identities" in out
+    assert f"1 unreadable images left out:\n  {broken}" in out
+    assert len(RecordIOFaceDataset(rec_path)) == 11
+
+
 def test_cli_runs_as_a_script_from_the_repository_root(tiny_face_tree, tmp_path):
     rec_path = tmp_path / "script.rec"
     result = subprocess.run(
