@@ -132,7 +132,8 @@ def run(args) -> None:
     import onnx  # only this command needs onnx
 
     if args.output.suffix.lower() != ".onnx" or args.output.is_dir():
-        raise InputError(f"the output should be a .onnx file, got {args.output}")
+        folder = " (a folder)" if args.output.is_dir() else ""
+        raise InputError(f"the output should be a .onnx file, got {args.output}{folder}")
     refuse_to_replace(args.output, args.overwrite)
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= args.opset <= newest:

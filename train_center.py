@@ -84,6 +84,7 @@ class CenterLossModule(nn.Module):
 
 class CenterTask(TrainingTask):
     name = "center"
+    divergence_hint = "lower --lr or --logit_scale"
     count_name = "images"
     min_batch_size = 2
 

@@ -28,10 +28,10 @@ from torch import nn
 
 from datasets.labelled_faces import LabelledFaceDataset
 from datasets.transforms import train_transform
-from errors import InputError
+from errors import InputError, first_line
 from losses.margin_softmax import LOSS_MARGINS
 from losses.partial_fc import CosineClassifier, PartialSGD
-from training.builders import build_embedding_model, build_optimizer
+from training.builders import build_embedding_model, build_optimizer, is_out_of_memory
 from training.cli import (
     base_parser,
     non_negative_float,
@@ -154,6 +154,7 @@ def margins_of(args: argparse.Namespace) -> tuple[float, float, float]:
 
 class MarginTask(TrainingTask):
     name = "margin"
+    divergence_hint = "lower --lr or --margin_scale"
     count_name = "images"
     min_batch_size = 2
 
@@ -185,6 +186,14 @@ class MarginTask(TrainingTask):
             ).to(runtime.device)
         except ValueError as error:  # a margin outside what the formula allows
             raise InputError(f"--loss {args.loss}: {error}") from None
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            raise InputError(
+                f"the classifier of {self.num_classes} identities x --embedding_dim {args.embedding_dim} does "
+                f"not fit in the memory of {runtime.device}; use more processes, which shard it "
+                f"({first_line(error)})"
+            ) from None
         # only the backbone goes into DDP: the classifier is sharded, each process steps its own centers
         self.step_module = self.model
         self.optimizers = [

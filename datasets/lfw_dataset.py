@@ -23,7 +23,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from datasets.image_files import DECODE_ERRORS, load_image
-from errors import InputError, first_line
+from errors import InputError, first_line, no_file_reason
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def resolve_lfw_pairs(lfw_dir, lfw_pairs) -> str:
     """``--lfw_pairs`` when given, else the pairs file found in the LFW folder (the scripts' rule)."""
     if lfw_pairs is not None:
         if not os.path.isfile(lfw_pairs):
-            raise InputError(f"--lfw_pairs {lfw_pairs}: no such file")
+            raise InputError(f"--lfw_pairs {lfw_pairs}: {no_file_reason(lfw_pairs)}")
         return os.fspath(lfw_pairs)
     for name in ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt"):
         candidate = os.path.join(lfw_dir, name)

@@ -310,8 +310,8 @@ def test_bad_files_are_one_line_input_errors(tmp_path):
     inception = tmp_path / "inception.pt"
     torch.save({"model_state_dict": {"model.last_linear.weight": torch.zeros(2, 3)}}, inception)
     cases = [
-        (tmp_path / "missing.pt", "not found"),
-        (tmp_path, "not found"),
+        (tmp_path / "missing.pt", "missing.pt: no such file"),
+        (tmp_path, "a folder, not a file"),
         (text, "could not read checkpoint"),
         (empty, "empty or truncated"),
         (a_list, "holds a list, not a dict"),

@@ -220,7 +220,7 @@ def test_an_earlier_run_without_a_checkpoint_is_not_offered_for_resuming(tmp_pat
     from training.checkpoint import claim_output_dir
 
     (tmp_path / "run_config.json").write_text('{"task": "triplet"}')
-    with pytest.raises(InputError, match="holds an earlier run that saved no checkpoint"):
+    with pytest.raises(InputError, match="holds a run with no checkpoint yet .* --resume_path auto"):
         claim_output_dir(tmp_path, {"task": "triplet"}, resuming=False)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "model_resnet18_triplet_epoch_1.pt").write_bytes(b"")

@@ -316,8 +316,34 @@ def test_an_epoch_in_which_no_step_trained_ends_the_run(tiny_demo_data, tmp_path
     args = common_args(tiny_demo_data, tmp_path / "run")
     args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "1"]
     assert train_triplet.main([str(a) for a in args]) == 3
-    assert "no step of epoch 1 trained (3 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "every step of epoch 1 had a non-finite loss, so nothing trained" in out
+    assert "not saved; lower --lr or try --amp off" in out  # the triplet task's hint: it has no scale flag
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_an_epoch_of_fp16_overflow_skips_only_is_not_divergence(tiny_demo_data, tmp_path, monkeypatch):
+    """GradScaler calibrates its scale by skipping the first steps that overflow: a short first epoch of
+    only such skips is normal, and the run goes on."""
+    import training.engine as engine
+
+    real, calls = engine.backward_and_step, []
+
+    def overflow_first_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 3:
+            for optimizer in args[0].optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return False  # what backward_and_step reports for an fp16 overflow
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "backward_and_step", overflow_first_three)
+    args = common_args(tiny_demo_data, tmp_path / "run")
+    args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "2"]
+    assert train_triplet.main([str(a) for a in args]) == 0
+    with (tmp_path / "run" / "training_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(int(r["skipped_steps"]), int(r["num_triplets"]) > 0) for r in rows] == [(3, False), (0, True)]
 
 
 def poison_running_mean(task):
@@ -986,7 +1012,7 @@ def test_a_data_workers_error_ends_the_process_with_its_line(tiny_demo_data, tmp
     "raised, pretrained, expected",
     [
         (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2e11 bytes"), False,
-         "--model resnet18 with --embedding_dim 64 does not fit in memory (DefaultCPUAllocator"),
+         "--model resnet18 with --embedding_dim 64 does not fit in the memory of cpu (DefaultCPUAllocator"),
         (RuntimeError("HTTP Error 404"), True, "--pretrained: HTTP Error 404"),
         (RuntimeError("a bug"), False, None),  # not the user's: its traceback is kept
     ],

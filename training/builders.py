@@ -75,19 +75,24 @@ def build_embedding_model(
         model = build_model(
             args.model, args.embedding_dim, num_classes=num_classes, pretrained=args.pretrained
         )
+        return model.to(device, memory_format=torch.channels_last)
     except ValueError as error:  # weights the model has none of, e.g. --pretrained vggface2 on a ResNet
         raise InputError(f"--pretrained {args.pretrained}: {error}") from None
     except RuntimeError as error:
-        if isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error):
+        if is_out_of_memory(error):
             classes = f" and {num_classes} identities" if num_classes else ""
             raise InputError(
                 f"--model {args.model} with --embedding_dim {args.embedding_dim}{classes} does not fit in "
-                f"memory ({first_line(error)})"
+                f"the memory of {device} ({first_line(error)})"
             ) from None
         if args.pretrained:  # published weights that could not be downloaded
             raise InputError(f"--pretrained: {error}") from None
         raise
-    return model.to(device, memory_format=torch.channels_last)
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's (a plain RuntimeError saying it cannot allocate)."""
+    return isinstance(error, torch.OutOfMemoryError) or "allocate" in str(error)
 
 
 class LearningRateSchedule:

@@ -193,7 +193,7 @@ def resumed_changes(checkpoint: dict, args: argparse.Namespace) -> list[str]:
     """The recipe flags whose value this resumed run changes, as ``--flag old -> new``."""
     saved = checkpoint.get("args", {})
     return [
-        f"--{flag} {saved[flag]} -> {getattr(args, flag)}"
+        f"--{flag} {saved[flag]} -> {'its default' if getattr(args, flag) is None else getattr(args, flag)}"
         for flag in RESUMED_RECIPE
         if flag in saved and hasattr(args, flag) and saved[flag] != getattr(args, flag)
     ]
@@ -229,8 +229,9 @@ def claim_output_dir(output_dir: Path, run_config: dict, resuming: bool) -> None
     if not resuming:
         if not any((output_dir / "checkpoints").glob("*.pt")):
             raise InputError(
-                f"--output_dir {output_dir}: the folder holds an earlier run that saved no checkpoint (its "
-                "train.log says how it ended); choose a new --output_dir, or delete that run's files"
+                f"--output_dir {output_dir}: the folder holds a run with no checkpoint yet (still running, or "
+                "ended before its first: see its train.log); choose a new --output_dir, or start it again "
+                "there with --resume_path auto"
             )
         raise InputError(
             f"--output_dir {output_dir}: the folder holds an earlier run; resume it with --resume_path "

@@ -71,6 +71,7 @@ class TrainingTask:
     name = "task"
     count_name = "samples"
     min_batch_size = 1  # --batch_size counts images where it is 2: batch norm cannot train on one image
+    divergence_hint = "lower --lr"  # what to try when the loss stops being finite
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime):
         self.args = args
@@ -193,6 +194,7 @@ class Trainer:
                 "loss_sum": totals.loss_sum,
                 "count": totals.count,
                 "skipped_steps": totals.skipped_steps,
+                "nonfinite_steps": totals.nonfinite_steps,
             },
             "history": vars(self.history),
         }
@@ -370,6 +372,7 @@ class Trainer:
             return
         self.steps_completed += 1  # a skipped step was taken all the same: the data and the model ran
         totals.skipped_steps += 1
+        totals.nonfinite_steps += 1
         self.consecutive_nonfinite += 1
         for optimizer in self.task.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -377,7 +380,7 @@ class Trainer:
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDiverged(
                 f"stopping: {MAX_CONSECUTIVE_NONFINITE} steps in a row had a non-finite loss "
-                f"(epoch {epoch + 1}, step {step}); lower --lr or try --amp off"
+                f"(epoch {epoch + 1}, step {step}); {self.task.divergence_hint} or try --amp off"
             )
 
     def finish_epoch(self, epoch: int, totals: EpochTotals, seconds: float) -> None:
@@ -401,11 +404,12 @@ class Trainer:
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
         self.check_finite_state(completed)
-        if totals.count == 0 and totals.skipped_steps > 0:  # the same on every process (agreed per step)
+        if (
+            totals.nonfinite_steps >= self.task.steps_per_epoch()
+        ):  # the same on every process (agreed per step)
             raise TrainingDiverged(
-                f"stopping: no step of epoch {completed} trained ({totals.skipped_steps} skipped for a "
-                "non-finite loss or an fp16 overflow), so it is not saved; lower --lr, --margin_scale or "
-                "--logit_scale, or try --amp off"
+                f"stopping: every step of epoch {completed} had a non-finite loss, so nothing trained and it is "
+                f"not saved; {self.task.divergence_hint} or try --amp off"
             )
         if self.runtime.is_main:  # the other processes wait for it in the checkpoint's collectives
             try:
