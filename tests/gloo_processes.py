@@ -1,5 +1,7 @@
 """Run a test function in 2 (or more) gloo processes on 127.0.0.1, spawned, each with one torch thread."""
 
+import gc
+import os
 import socket
 from datetime import timedelta
 
@@ -27,11 +29,18 @@ def _entry(rank, world_size, port, worker, args):
     )
     try:
         worker(rank, *args)
+        # the worker's DDP wrappers sit in reference cycles: freed now, while their process group lives, not by
+        # the interpreter's shutdown after it is gone (which aborted the process now and then: "terminate
+        # called without an active exception")
+        gc.collect()
         # every rank past its last collective before any tears the group down: a rank leaving right after
         # its part of a gather while rank 0 still receives made gloo abort the leaving process (SIGABRT)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the worker's results are written; skip the interpreter's teardown of torch's C++ state, the other place
+    # such an abort can come from (a failed worker raised above and exits non-zero as usual)
+    os._exit(0)
 
 
 def run_on_gloo(worker, *args, world_size=2):
