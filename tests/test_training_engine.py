@@ -268,14 +268,22 @@ def test_clip_grad_norm_bounds_the_models_step_as_torch_defines_it(max_norm):
     torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tmp_path, monkeypatch, capsys):
-    real_step = train_triplet.TripletTask.step
+def nan_losses_after(monkeypatch, finite_steps: int = 0) -> None:
+    """train_triplet's step returns its real loss for the first ``finite_steps`` steps, NaN after them."""
+    real_step, calls = train_triplet.TripletTask.step, []
 
-    def nan_step(self, step_module, batch):
+    def step(self, step_module, batch):
         out = real_step(self, step_module, batch)
+        calls.append(1)
+        if len(calls) <= finite_steps:
+            return out
         return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
 
-    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_step)
+    monkeypatch.setattr(train_triplet.TripletTask, "step", step)
+
+
+def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tmp_path, monkeypatch, capsys):
+    nan_losses_after(monkeypatch)
     args = [*common_args(tiny_demo_data, tmp_path / "run"), "--num_triplets_train", "48", "--batch_size", "8"]
     assert train_triplet.main([str(a) for a in args]) == 3
     out = capsys.readouterr().out
@@ -286,17 +294,7 @@ def test_a_run_whose_loss_stays_nonfinite_exits_with_status_3(tiny_demo_data, tm
 def test_the_nonfinite_streak_runs_across_epochs(tiny_demo_data, tmp_path, monkeypatch, capsys):
     """Three steps an epoch, the first finite and every later loss NaN: the streak reaches five in epoch
     two (it used to restart with each epoch, so a run of short epochs never stopped)."""
-    calls = []
-
-    def nan_after_the_first(self, step_module, batch):
-        out = real_step(self, step_module, batch)
-        calls.append(1)
-        if len(calls) == 1:
-            return out
-        return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
-
-    real_step = train_triplet.TripletTask.step
-    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_after_the_first)
+    nan_losses_after(monkeypatch, finite_steps=1)
     args = common_args(tiny_demo_data, tmp_path / "run")
     args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "4"]
     assert train_triplet.main([str(a) for a in args]) == 3
@@ -306,13 +304,7 @@ def test_the_nonfinite_streak_runs_across_epochs(tiny_demo_data, tmp_path, monke
 def test_an_epoch_in_which_no_step_trained_ends_the_run(tiny_demo_data, tmp_path, monkeypatch, capsys):
     """Every step of a short epoch skipped (a --margin_scale too large for float32, say): the run used to
     save the untrained weights as that epoch's checkpoint and exit 0."""
-
-    def nan_step(self, step_module, batch):
-        out = real_step(self, step_module, batch)
-        return StepOutput(loss=out.loss * float("nan"), loss_sum=out.loss_sum * float("nan"), count=out.count)
-
-    real_step = train_triplet.TripletTask.step
-    monkeypatch.setattr(train_triplet.TripletTask, "step", nan_step)
+    nan_losses_after(monkeypatch)
     args = common_args(tiny_demo_data, tmp_path / "run")
     args += ["--num_triplets_train", "24", "--batch_size", "8", "--epochs", "1"]
     assert train_triplet.main([str(a) for a in args]) == 3
