@@ -131,10 +131,9 @@ def export(loaded: LoadedModel, opset: int):
 def run(args) -> None:
     import onnx  # only this command needs onnx
 
-    if args.output.suffix.lower() != ".onnx" or args.output.is_dir():
-        folder = " (a folder)" if args.output.is_dir() else ""
-        raise InputError(f"the output should be a .onnx file, got {args.output}{folder}")
-    refuse_to_replace(args.output, args.overwrite)
+    refuse_to_replace(args.output, args.overwrite)  # a folder is refused as one there
+    if args.output.suffix.lower() != ".onnx":
+        raise InputError(f"the output should be a .onnx file, got {args.output}")
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= args.opset <= newest:
         raise InputError(

@@ -196,7 +196,7 @@ def read_previous_report(config):
     """The report of an earlier run into the same output folder, or None; refuses different settings."""
     path = Path(config.output_dir) / REPORT_NAME
     if not path.exists():
-        output_dir = Path(config.output_dir)
+        output_dir = path.parent
         if output_dir.is_dir() and any(output_dir.iterdir()):
             # crops of unknown settings (another tool's, or of a run killed before its report existed):
             # adding ours would mix two crop rules in one dataset

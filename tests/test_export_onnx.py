@@ -91,9 +91,7 @@ def test_never_overwrites_without_overwrite(checkpoint, capsys):
     assert export_onnx.main(["--model_path", str(path), str(output.with_suffix(".txt"))]) == 2
     # an existing folder is refused for what it is, not offered to --overwrite
     assert export_onnx.main(["--model_path", str(path), str(output.parent)]) == 2
-    assert capsys.readouterr().err.endswith(
-        f"the output should be a .onnx file, got {output.parent} (a folder)\n"
-    )
+    assert capsys.readouterr().err.endswith(f"error: {output.parent} is a folder; name a file\n")
     assert (
         export_onnx.main(["--model_path", str(path), str(output.with_name("old.onnx")), "--opset", "11"]) == 2
     )

@@ -404,9 +404,8 @@ class Trainer:
         self.history.losses.append(totals.average_loss)
         validate = completed % self.args.lfw_validation_epoch_interval == 0 or completed == self.args.epochs
         self.check_finite_state(completed)
-        if (
-            totals.nonfinite_steps >= self.task.steps_per_epoch()
-        ):  # the same on every process (agreed per step)
+        # the same on every process (agreed per step)
+        if totals.nonfinite_steps >= self.task.steps_per_epoch():
             raise TrainingDiverged(
                 f"stopping: every step of epoch {completed} had a non-finite loss, so nothing trained and it is "
                 f"not saved; {self.task.divergence_hint} or try --amp off"

@@ -17,9 +17,8 @@ class EpochTotals:
     loss_sum: float = 0.0
     count: float = 0.0  # triplets or images the loss was a mean over, summed over steps and processes
     skipped_steps: int = 0
-    nonfinite_steps: int = (
-        0  # those of the skipped steps whose loss was not finite (the rest: fp16 overflows)
-    )
+    # those of the skipped steps whose loss was not finite (the rest: fp16 overflows)
+    nonfinite_steps: int = 0
 
     @property
     def average_loss(self) -> float:
