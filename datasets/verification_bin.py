@@ -72,6 +72,9 @@ def read_verification_bin(path) -> VerificationBin:
 def _image_bytes(item, index: int, path: str) -> bytes:
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
+    # cv2.imencode gives an (N, 1) array of the encoded bytes; a 2-D array with two sides > 1 is pixels
+    if isinstance(item, np.ndarray) and item.ndim == 2 and 1 in item.shape:
+        item = item.ravel()
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim > 1:
         raise InputError(
             f"{path}: image {index} is decoded pixels ({_describe(item)}), not the encoded image file bytes "

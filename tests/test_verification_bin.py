@@ -102,6 +102,9 @@ def test_bin_of_numpy_uint8_arrays_loads(two_jpegs, tmp_path, protocol):
     path = write_pickle(tmp_path / "scalars.bin", (arrays, [np.bool_(False)]), protocol)
     assert read_verification_bin(path).issame.tolist() == [False]
     assert VerificationBinDataset(path)[1][0].size == (32, 32)
+    columns = [array.reshape(-1, 1) for array in arrays]  # what cv2.imencode returns
+    path = write_pickle(tmp_path / "columns.bin", (columns, [True]), protocol)
+    assert read_verification_bin(path).images == two_jpegs
 
 
 def test_python2_pickle_loads_its_strings_as_bytes(two_jpegs, tmp_path):
@@ -177,6 +180,7 @@ def test_image_count_must_be_twice_the_pair_count(two_jpegs, tmp_path):
             pickle.dumps(([np.zeros((4, 4, 3), np.uint8)] * 2, [True])),
             r"image 0 is decoded pixels .*\(4, 4, 3\)",
         ),
+        (pickle.dumps(([np.zeros((4, 4), np.uint8)] * 2, [True])), r"image 0 is decoded pixels .*\(4, 4\)"),
     ],
 )
 def test_malformed_bin_is_an_input_error(tmp_path, content, message):
