@@ -18,9 +18,12 @@ mxnet no longer installs on current Python, so this is a reader and writer of ou
   images (and keys a .. b-1 hold one record per identity, label vector [first, end) of its image keys). A file
   without such a record 0 is read as "every key in the .idx is an image".
 
-`RecordIOFaceDataset` reads the labels of all images once, at construction, from the first 36 bytes of each
-record: a vectorised gather from a memory map of the .rec, so 100,000 images take a fraction of a second and
-no image byte is read. `datasets/recordio_writer.py` packs a folder of identity folders, resumably.
+`RecordIOFaceDataset` reads the labels of all images once, at construction. Under an insightface header it
+takes them from the identity records (one small record per identity, stored together after the images), so a
+Glint360K-sized .rec is not read from end to end at every start: face records are about the size of a disk
+page, and reading a few bytes of each would read nearly the whole file. Without identity records it reads
+the first 36 bytes of each image record, by a vectorised gather from a memory map of the .rec.
+`datasets/recordio_writer.py` packs a folder of identity folders, resumably.
 """
 
 from __future__ import annotations
@@ -339,8 +342,8 @@ def exact_image_end(reader: RecordIOReader, rounded_end: int) -> int:
 def gather_record_words(rec_path, offsets: np.ndarray, num_bytes: int, chunk_size: int = _LABEL_CHUNK):
     """For chunks of ``offsets``: (start, the chunk's offsets, words, fits), ``words`` the first ``num_bytes``
     (a multiple of 4) at each offset as little-endian uint32, gathered by one numpy fancy index from a memory
-    map of the file (a page read per record, not the whole file); rows whose bytes would run past the end of
-    the file are zeros, with ``fits`` False."""
+    map of the file (at least a page read per record); rows whose bytes would run past the end of the file are
+    zeros, with ``fits`` False."""
     window = np.arange(num_bytes, dtype=np.int64)
     with open(rec_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         buffer = np.frombuffer(mapped, dtype=np.uint8)
@@ -355,8 +358,10 @@ def gather_record_words(rec_path, offsets: np.ndarray, num_bytes: int, chunk_siz
             del buffer  # the memory map cannot close while a numpy view of it exists
 
 
-def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
-    """float64 label (a label vector's first value) of each record in `keys`, reading ~36 bytes per record.
+def read_labels(reader: RecordIOReader, keys: np.ndarray, columns: int = 1) -> np.ndarray:
+    """float64 label (a label vector's first value) of each record in `keys`, reading ~36 bytes per record;
+    with ``columns=2``, an (N, 2) array of the first two values of each label vector (NaN where a record has
+    fewer), as insightface's identity records hold [first key, end key).
 
     Whole records with the header inside the file are read in chunks by one numpy gather from a memory map;
     anything else (a multi-part record, a malformed or truncated one) goes through `reader.read_header`, which
@@ -364,9 +369,11 @@ def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
     """
     keys = np.asarray(keys, dtype=np.int64)
     offsets = reader.offsets_of(keys)
-    labels = np.empty(len(keys), dtype=np.float64)
+    values = np.full((len(keys), columns), np.nan)
     file_size = os.path.getsize(reader.rec_path)
-    for start, chunk, words, fits in gather_record_words(reader.rec_path, offsets, _LABEL_WINDOW):
+    window = _LABEL_WINDOW + 4 * (columns - 1)
+    vector_word = (RECORD_HEAD.size + IMAGE_HEADER.size) // 4
+    for start, chunk, words, fits in gather_record_words(reader.rec_path, offsets, window):
         lrecord = words[:, 1]
         length = (lrecord & MAX_PAYLOAD).astype(np.int64)
         flag = words[:, 2].astype(np.int64)
@@ -377,11 +384,64 @@ def read_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
             & (length >= IMAGE_HEADER.size + 4 * flag)
             & (chunk + RECORD_HEAD.size + length <= file_size)
         )
-        values = np.where(flag > 0, words[:, 8].view("<f4"), words[:, 3].view("<f4"))
-        labels[start : start + len(chunk)] = values
+        rows = values[start : start + len(chunk)]
+        rows[:, 0] = np.where(flag > 0, words[:, vector_word].view("<f4"), words[:, 3].view("<f4"))
+        for column in range(1, columns):
+            rows[flag > column, column] = words[flag > column, vector_word + column].view("<f4")
         for row in np.flatnonzero(~good):
             header, _ = reader.read_header(int(keys[start + row]))
-            labels[start + row] = float(header.label[0]) if header.flag > 0 else float(header.label)
+            vector = np.atleast_1d(header.label)[:columns] if header.flag > 0 else [float(header.label)]
+            rows[row] = np.nan
+            rows[row, : len(vector)] = vector
+    return values[:, 0] if columns == 1 else values
+
+
+# identities whose first and last image labels are read to check that the identity records can be trusted
+_CHECKED_IDENTITIES = 512
+
+
+def labels_from_identity_records(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray | None:
+    """The labels of image keys 1 .. a-1 from insightface's identity records, or None where the file has none
+    to trust (then every image record's own label is read).
+
+    The header [a, b] puts one record per identity at keys a .. b-1, label vector [first key, end key) of its
+    images, in the order of the class labels (insightface's packers and `recordio_writer` both write them so).
+    They are used only when they tile the image keys exactly and the first and last image of up to 512
+    identities, spread over the file, carry their identity's index as label; past 2^24 keys float32 cannot
+    hold the ranges exactly, so such files are read image by image.
+    """
+    if len(keys) == 0 or keys[0] != 1 or keys[-1] != len(keys) or 0 not in reader:
+        return None
+    header, image_size = reader.read_header(0)
+    if header.flag < 2 or image_size > 0:
+        return None
+    image_end, identity_end = len(keys) + 1, float(header.label[1])
+    if not identity_end.is_integer() or not image_end < identity_end <= MAX_EXACT_FLOAT32_INT:
+        return None
+    identity_keys = np.arange(image_end, int(identity_end), dtype=np.int64)
+    rows = np.minimum(np.searchsorted(reader.keys, identity_keys), len(reader.keys) - 1)
+    if not np.array_equal(reader.keys[rows], identity_keys):
+        return None
+    ranges = read_labels(reader, identity_keys, columns=2)
+    first, end = ranges[:, 0], ranges[:, 1]
+    if not (
+        np.isfinite(ranges).all()
+        and first[0] == 1
+        and end[-1] == image_end
+        and (end > first).all()
+        and np.array_equal(end[:-1], first[1:])
+    ):
+        return None
+    counts = (end - first).astype(np.int64)
+    labels = np.repeat(np.arange(len(counts), dtype=np.float64), counts)
+    checked = np.unique(np.linspace(0, len(counts) - 1, min(len(counts), _CHECKED_IDENTITIES)).round())
+    checked = checked.astype(np.int64)
+    sample = np.concatenate([first[checked], end[checked] - 1]).astype(np.int64)
+    # one positioned read each: a memory map would read ahead ~128 kB around each of these scattered records
+    for key in sample.tolist():
+        header = reader.read_header(key)[0]
+        if float(np.atleast_1d(header.label)[0]) != labels[key - 1]:
+            return None
     return labels
 
 
@@ -401,7 +461,9 @@ class RecordIOFaceDataset(Dataset):
         self.rec_path = self.reader.rec_path
         self.transform = transform
         self.keys: np.ndarray = image_keys(self.reader)
-        raw_labels = read_labels(self.reader, self.keys)
+        raw_labels = labels_from_identity_records(self.reader, self.keys)
+        if raw_labels is None:
+            raw_labels = read_labels(self.reader, self.keys)
         bad = ~np.isfinite(raw_labels) | (raw_labels < 0) | (raw_labels != np.floor(raw_labels))
         if bad.any():
             row = int(np.argmax(bad))

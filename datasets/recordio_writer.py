@@ -114,11 +114,15 @@ def _list_dataset(dataroot, verify: bool, num_workers: int | None) -> tuple[Face
 
 
 def _check_key_range(num_images: int, num_classes: int) -> None:
-    """Raise InputError when the header's float32 key ranges could not hold every key exactly."""
-    if num_images + num_classes + 1 > MAX_EXACT_FLOAT32_INT:
+    """Raise InputError when float32 labels could not hold every class index exactly.
+
+    Past 2^24 keys (Glint360K's 17.1M images, WebFace42M) the header's float32 key ranges round, as in
+    insightface's own files of those sets; `datasets.recordio.image_keys` finds where the images really end.
+    """
+    if num_classes > MAX_EXACT_FLOAT32_INT:
         raise InputError(
-            f"{num_images} images + {num_classes} identities are too many for one .rec: the header stores key "
-            f"ranges as float32, exact only up to {MAX_EXACT_FLOAT32_INT}"
+            f"{num_classes} identities are too many for one .rec: labels are stored as float32, exact only up "
+            f"to {MAX_EXACT_FLOAT32_INT}"
         )
 
 

@@ -376,6 +376,71 @@ def test_labels_of_100k_records_come_from_one_vectorised_pass(tmp_path, monkeypa
     assert header_reads == [0]  # only record 0, to see whether it is an insightface header
 
 
+def insightface_rec(rec_path: Path, counts, image_labels=None, ranges=None) -> Path:
+    """A .rec in insightface's layout by hand: header [a, b], images 1 .. a-1 (label = identity index unless
+    `image_labels` says otherwise), then one record per identity with [first, end) (or `ranges`)."""
+    num_images, num_identities = sum(counts), len(counts)
+    starts = np.concatenate([[1], 1 + np.cumsum(counts)])
+    ranges = ranges if ranges is not None else list(zip(starts[:-1], starts[1:], strict=True))
+    labels = image_labels if image_labels is not None else np.repeat(np.arange(num_identities), counts)
+    image_end = num_images + 1
+    records = {0: pack_record(0, b"", label_vector=[image_end, image_end + num_identities])}
+    for key in range(1, image_end):
+        records[key] = pack_record(int(labels[key - 1]), b"\xff" * 40, id=key)
+    for identity, (first, end) in enumerate(ranges):
+        records[image_end + identity] = pack_record(0, b"", label_vector=[first, end])
+    return write_rec(rec_path, records)
+
+
+def count_label_reads(monkeypatch) -> list[int]:
+    """Records whose first bytes `read_labels` gathers (one entry per call: how many)."""
+    reads = []
+    gather = recordio.gather_record_words
+
+    def counting(rec_path, offsets, *args, **kwargs):
+        reads.append(len(offsets))
+        return gather(rec_path, offsets, *args, **kwargs)
+
+    monkeypatch.setattr(recordio, "gather_record_words", counting)
+    return reads
+
+
+def test_labels_come_from_the_identity_records_not_from_every_image(tmp_path, monkeypatch):
+    """Face records are about a disk page each: reading a few bytes of every one reads nearly the whole .rec
+    (all of Glint360K at every start). The identity records give the labels; 2 images of each of 512 spread
+    identities check them."""
+    counts = np.random.default_rng(0).integers(1, 9, size=3000)
+    rec_path = insightface_rec(tmp_path / "faces.rec", counts)
+    reads = count_label_reads(monkeypatch)
+    header_reads = []
+    read_header = RecordIOReader.read_header
+    monkeypatch.setattr(
+        RecordIOReader, "read_header", lambda self, key: header_reads.append(key) or read_header(self, key)
+    )
+    dataset = RecordIOFaceDataset(rec_path)
+    assert np.array_equal(dataset.labels, np.repeat(np.arange(3000), counts)) and dataset.num_classes == 3000
+    assert reads == [3000]  # the identity records, stored together after the images
+    # record 0 (twice: for the image keys, then for the identity keys), then 2 images of 512 identities
+    assert len(header_reads) == 2 + 1024 and sum(counts) > 3 * 4024
+
+
+@pytest.mark.parametrize("case", ["labels in another order", "ranges with a gap", "ranges past the images"])
+def test_identity_records_that_do_not_match_the_images_are_not_trusted(tmp_path, case):
+    """Then every image's own label is read, and the dataset has the labels the images carry."""
+    counts = [3, 1, 2, 3] * 100
+    labels = np.repeat(np.arange(len(counts)), counts)
+    starts = np.concatenate([[1], 1 + np.cumsum(counts)])
+    ranges = list(zip(starts[:-1], starts[1:], strict=True))
+    if case == "labels in another order":
+        labels = len(counts) - 1 - labels
+    elif case == "ranges with a gap":
+        ranges[5] = (ranges[5][0] + 1, ranges[5][1])
+    else:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+    rec_path = insightface_rec(tmp_path / "faces.rec", counts, image_labels=labels, ranges=ranges)
+    assert np.array_equal(RecordIOFaceDataset(rec_path).labels, labels)
+
+
 def test_cli_packs_and_reports_bad_input(tiny_face_tree, tmp_path, capsys):
     rec_path = tmp_path / "cli" / "faces.rec"
     assert main(["--dataroot", str(tiny_face_tree), "--output", str(rec_path), "--no-progress"]) == 0
@@ -461,6 +526,30 @@ def test_a_header_end_past_the_exact_range_does_not_take_identity_records_for_im
     monkeypatch.setattr(recordio, "MAX_EXACT_FLOAT32_INT", 4)  # as if these keys were past 2^24
     dataset = RecordIOFaceDataset(rec_path)
     assert dataset.keys.tolist() == [1, 2, 3, 4, 5] and dataset.num_classes == 2
+
+
+def test_a_pack_past_the_exact_float32_range_is_written_and_read_back(make_face_tree, tmp_path, monkeypatch):
+    """Glint360K has 17.1M images: its key ranges round in float32, as in insightface's own file of it."""
+    root = make_face_tree(counts=(3, 1, 2, 3))
+    monkeypatch.setattr(recordio_writer, "MAX_EXACT_FLOAT32_INT", 4)  # as if these keys were past 2^24
+    monkeypatch.setattr(recordio, "MAX_EXACT_FLOAT32_INT", 4)
+    rec_path = tmp_path / "big.rec"
+    write_recordio(root, rec_path)
+    dataset = RecordIOFaceDataset(rec_path)
+    assert dataset.keys.tolist() == list(range(1, 10)) and dataset.labels.tolist() == [
+        0,
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+        3,
+    ]
+    with pytest.raises(InputError, match="4 identities are too many"):
+        monkeypatch.setattr(recordio_writer, "MAX_EXACT_FLOAT32_INT", 3)
+        write_recordio(root, tmp_path / "more_classes_than_float32_holds.rec")
 
 
 def test_a_rec_tables_paths_are_made_per_row_and_name_the_record(packed_tree):
