@@ -176,6 +176,10 @@ def check_args(args) -> list[tuple[str, Path]]:
         elif not args.lfw.is_file():
             kind = "file" if args.lfw.suffix.lower() == ".bin" else "folder"
             raise InputError(f"--lfw: {kind} not found: {args.lfw}")
+        elif args.lfw_pairs is not None:
+            raise InputError(
+                f"--lfw_pairs goes with an --lfw folder; {args.lfw} is a file (a .bin holds its pairs)"
+            )
         targets.append(("lfw", args.lfw))
     for path in args.val_targets:
         if not path.is_file():

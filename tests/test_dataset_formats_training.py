@@ -113,16 +113,39 @@ def test_a_bin_alone_validates_the_run(tiny_demo_data, packed, tmp_path):
     assert checkpoint["history"]["target_accuracies"] == {"demo_pairs": [float(row["accuracy_mean"])]}
 
 
+def test_an_lfw_bin_given_as_lfw_is_the_lfw_target(tiny_demo_data, packed, tmp_path):
+    """validate_on_LFW.py takes `--lfw lfw.bin`, and so does training: the target is named lfw, as the folder."""
+    _, _, bin_path = packed
+    twin = tmp_path / "twin.bin"
+    twin.write_bytes(bin_path.read_bytes())
+    args = [*common_args(tiny_demo_data, tmp_path / "run"), "--num_triplets_train", "24", "--batch_size", "8"]
+    lfw_at = args.index("--lfw")
+    args[lfw_at : lfw_at + 4] = ["--lfw", bin_path]  # no --lfw_pairs
+    assert train_triplet.main([str(a) for a in args + ["--epochs", "1", "--val_targets", twin]]) == 0
+    (row,) = read_log(tmp_path / "run")
+    assert 0.0 < float(row["accuracy_mean"]) == pytest.approx(float(row["twin_accuracy_mean"]), abs=1e-12)
+    checkpoint = torch.load(
+        tmp_path / "run" / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True
+    )
+    assert set(checkpoint["history"]["target_accuracies"]) == {"lfw", "twin"}
+    assert "Accuracy on LFW" in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         (["--dataroot", "{tmp}/missing.rec"], "--dataroot {tmp}/missing.rec: no such file"),
         (["--dataroot", "{tmp}/no_index.rec"], "its index {tmp}/no_index.idx is missing"),
         (["--val_targets", "{tmp}/missing.bin"], "--val_targets {tmp}/missing.bin: no such file"),
+        (
+            ["--lfw", "{tmp}/lfw.bin"],
+            "--lfw_pairs goes with an --lfw folder; {tmp}/lfw.bin is a file (a .bin holds its pairs)",
+        ),
     ],
 )
 def test_bad_rec_and_bin_paths_are_one_line_errors(tiny_demo_data, tmp_path, capsys, change, message):
     (tmp_path / "no_index.rec").write_bytes(b"")
+    (tmp_path / "lfw.bin").write_bytes(b"")
     args = [*common_args(tiny_demo_data, tmp_path / "run"), "--epochs", "1"]
     args += [part.format(tmp=tmp_path) for part in change]
     assert train_triplet.main([str(a) for a in args]) == 2

@@ -144,7 +144,7 @@ def test_two_processes_with_gloo(tiny_demo_data, tmp_path, extra, most_triplets)
     "change, message",
     [
         (["--dataroot", "/nonexistent/faces"], "--dataroot /nonexistent/faces: no such folder"),
-        (["--lfw", "/nonexistent/lfw"], "--lfw /nonexistent/lfw: no such folder"),
+        (["--lfw", "/nonexistent/lfw"], "--lfw /nonexistent/lfw: no such folder or file"),
         (["--lfw_pairs", "/nonexistent/pairs.txt"], "--lfw_pairs /nonexistent/pairs.txt: no such file"),
         (["--resume_path", "/nonexistent/ckpt.pt"], "--resume_path /nonexistent/ckpt.pt: no such file"),
         (["--resume_path", "/tmp"], "--resume_path /tmp: a folder, not a file"),

@@ -416,6 +416,7 @@ def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
     [
         ([], "nothing to evaluate"),
         (["--lfw", "/nonexistent.bin"], "--lfw: file not found: /nonexistent.bin"),
+        (["--lfw", str(LFW_PAIRS), "--lfw_pairs", str(LFW_PAIRS)], "--lfw_pairs goes with an --lfw folder"),
         (["--val_targets", "/nonexistent/cfp_fp.bin"], "--val_targets: file not found"),
         (
             ["--lfw", str(LFW_DIR)],

@@ -127,7 +127,8 @@ def _add_data_arguments(data) -> None:
     data.add_argument(
         "--lfw",
         type=str,
-        help="LFW images, aligned like the training images (required unless --val_targets is given)",
+        help="LFW images, aligned like the training images (with --lfw_pairs), or an lfw.bin (required unless "
+        "--val_targets is given)",
     )
     data.add_argument(
         "--lfw_pairs",
@@ -374,9 +375,15 @@ def check_common_args(args: argparse.Namespace) -> None:
         return  # the demo's data is generated later, at known paths
     check_dataroot(args)
     if args.lfw is not None:
-        if not Path(args.lfw).is_dir():
-            raise InputError(f"--lfw {args.lfw}: no such folder")
-        args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
+        if Path(args.lfw).is_file():  # an lfw.bin, which holds its own pairs
+            if args.lfw_pairs is not None:
+                raise InputError(
+                    f"--lfw_pairs goes with an --lfw folder; {args.lfw} is a file (a .bin holds its pairs)"
+                )
+        elif Path(args.lfw).is_dir():
+            args.lfw_pairs = resolve_lfw_pairs(args.lfw, args.lfw_pairs)
+        else:
+            raise InputError(f"--lfw {args.lfw}: no such folder or file")
     for target in args.val_targets:
         if not Path(target).is_file():
             raise InputError(f"--val_targets {target}: {no_file_reason(target)}")

@@ -19,10 +19,12 @@ from verification import NonFiniteEmbeddings, check_pair_labels, evaluate_model_
 
 
 def verification_targets(args: argparse.Namespace) -> dict[str, object]:
-    """Name -> pairs dataset: ``lfw`` for the --lfw folder, then each --val_targets file by its stem."""
+    """Name -> pairs dataset: ``lfw`` for --lfw (a folder, or a .bin), then each --val_targets file by its stem."""
     transform = eval_transform(args.image_size, *mean_and_std(args.normalization))
     targets: dict[str, object] = {}
-    if args.lfw is not None:
+    if args.lfw is not None and Path(args.lfw).is_file():
+        targets["lfw"] = VerificationBinDataset(args.lfw, transform=transform)
+    elif args.lfw is not None:
         targets["lfw"] = LFWDataset(args.lfw, args.lfw_pairs, transform=transform)
     for path in args.val_targets:
         targets[Path(path).stem] = VerificationBinDataset(path, transform=transform)
