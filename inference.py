@@ -144,15 +144,19 @@ def resolve_alignment(loaded: LoadedModel, template: str | None, crop_margin: in
             raise InputError(
                 "--crop_margin applies to --template none (the ArcFace template fixes the framing)"
             )
-        alignment = Alignment("arcface112", 112, 0)
+        # the checkpoint's own ArcFace crop size (224 for some sets), else the template's 112
+        alignment = (
+            loaded.alignment if loaded.alignment.template == "arcface112" else Alignment("arcface112", 112, 0)
+        )
     else:
-        size = loaded.image_size
+        # the same template keeps the checkpoint's crop size (align_dataset's 182/44 for VGGFace2, resized to
+        # the model's input); from another template, the default square crop at the input size
+        same = loaded.alignment.template == "none"
+        size = loaded.alignment.image_size if same else loaded.image_size
         if crop_margin is not None:
             margin = crop_margin
-        elif loaded.alignment.template == "none":  # the checkpoint's (or the default) margin
-            margin = loaded.alignment.margin
         else:
-            margin = default_alignment(size).margin
+            margin = loaded.alignment.margin if same else default_alignment(size).margin
         if not 0 <= margin < size:
             raise InputError(f"--crop_margin must be in [0, {size}) for {size} px input, got {margin}")
         alignment = Alignment("none", size, margin)

@@ -628,3 +628,18 @@ def test_template_and_crop_margin_set_how_raw_photos_are_cropped(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="inference"):
         assert resolved("arcface112", None).template == "arcface112"
     assert "was trained on" in caplog.text and "using" in caplog.text
+
+    # the same template keeps the stored crop size: align_dataset's 182/44 crops, resized to the 40 px input
+    stored["alignment"] = {"template": "none", "image_size": 182, "margin": 44}
+    torch.save(stored, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="inference"):
+        assert resolved("none", None) == checkpoint_loading.Alignment("none", 182, 44)
+    assert caplog.text == ""
+    assert resolved(None, 30) == checkpoint_loading.Alignment("none", 182, 30)
+    with pytest.raises(InputError, match=r"--crop_margin must be in \[0, 182\)"):
+        resolved(None, 182)
+    stored["alignment"] = {"template": "arcface112", "image_size": 224, "margin": 0}
+    torch.save(stored, path)
+    assert resolved("arcface112", None) == checkpoint_loading.Alignment("arcface112", 224, 0)
+    assert resolved("none", None) == checkpoint_loading.default_alignment(40)  # another template
