@@ -61,7 +61,7 @@ from inference import (
 )
 
 CACHE_PREFIX = ".gallery_embeddings_"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a photo is known by size, mtime, ctime and inode (1: size and mtime)
 UNKNOWN = "unknown"
 SKIPPED = "skipped"  # the identity of a query photo that could not be read or (with --align) showed no face
 OUTPUT_COLUMNS = ("query", "identity", "distance", "nearest_identity")
@@ -224,21 +224,27 @@ def cache_path(gallery: Path, settings: dict) -> Path:
     return gallery / f"{CACHE_PREFIX}{key}.pt"
 
 
+def file_stamp(path: Path) -> list[int]:
+    """What says a gallery photo is unchanged: size, mtime, ctime and inode. Size and mtime alone miss a photo
+    replaced by another of the same size with its timestamp kept (`cp -p`, unpacking an archive); the
+    ctime and the inode cannot be set that way."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
 def read_cache(path: Path, settings: dict) -> dict[str, dict]:
-    """Relative path -> {"size", "mtime_ns", "embedding" or "error"} from an earlier run, or {} (no cache)."""
+    """Relative path -> {"stamp", "embedding" or "error"} from an earlier run, or {} (no cache)."""
     if not path.is_file():
         return {}
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
         if cache["format"] != CACHE_FORMAT or cache["settings"] != settings:
-            raise ValueError("written for other settings")
+            raise ValueError("written for other settings or by an older version")
         entries = {}
-        for row, (name, size, mtime_ns) in enumerate(
-            zip(cache["paths"], cache["sizes"], cache["mtime_ns"], strict=True)
-        ):
-            entries[name] = {"size": size, "mtime_ns": mtime_ns, "embedding": cache["embeddings"][row]}
-        for name, (size, mtime_ns, error) in cache["failed"].items():
-            entries[name] = {"size": size, "mtime_ns": mtime_ns, "error": error}
+        for row, (name, stamp) in enumerate(zip(cache["paths"], cache["stamps"], strict=True)):
+            entries[name] = {"stamp": list(stamp), "embedding": cache["embeddings"][row]}
+        for name, (stamp, error) in cache["failed"].items():
+            entries[name] = {"stamp": list(stamp), "error": error}
         return entries
     except Exception as error:  # noqa: BLE001 - a cache is only a cache: any problem means start over
         logger.warning("ignoring the gallery cache %s (%s); embedding the gallery again", path, error)
@@ -251,15 +257,14 @@ def write_cache(path: Path, settings: dict, entries: dict[str, dict], embedding_
         "format": CACHE_FORMAT,
         "settings": settings,
         "paths": good,
-        "sizes": [entries[name]["size"] for name in good],
-        "mtime_ns": [entries[name]["mtime_ns"] for name in good],
+        "stamps": [entries[name]["stamp"] for name in good],
         "embeddings": (
             torch.stack([entries[name]["embedding"] for name in good])
             if good
             else torch.empty(0, embedding_dim)
         ),
         "failed": {
-            name: (entry["size"], entry["mtime_ns"], entry["error"])
+            name: (entry["stamp"], entry["error"])
             for name, entry in sorted(entries.items())
             if "error" in entry
         },
@@ -278,12 +283,12 @@ def load_gallery(embedder: FaceEmbedder, args) -> Gallery:
     cached = read_cache(path, settings)
     entries, todo = {}, []
     for name in photos:
-        stat = os.stat(args.gallery / name)
+        stamp = file_stamp(args.gallery / name)
         entry = cached.get(name)
-        if entry is not None and (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        if entry is not None and entry["stamp"] == stamp:
             entries[name] = entry
         else:
-            entries[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            entries[name] = {"stamp": stamp}
             todo.append(name)
     if todo:
         embeddings, errors = embedder.try_embed([args.gallery / name for name in todo])

@@ -610,6 +610,20 @@ def test_gallery_cache_is_incremental(world, tmp_path, capsys, caplog, use_world
         and removed.relative_to(gallery).as_posix() not in cache["paths"]
     )
 
+    # a photo replaced by another of the same size, its timestamp kept (cp -p, unpacking an archive)
+    replaced = sorted((gallery / world.known[2]).iterdir())[0]
+    other = sorted((world.gallery / world.known[6]).iterdir())[0].read_bytes()
+    length = max(len(other), replaced.stat().st_size) + 16
+    replaced.write_bytes(replaced.read_bytes().ljust(length, b"\0"))  # bytes after a JPEG's end are ignored
+    _, names = run()
+    assert names == [replaced.name, query.name]
+    kept = replaced.stat()
+    replaced.write_bytes(other.ljust(length, b"\0"))
+    os.utime(replaced, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert (replaced.stat().st_size, replaced.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    _, names = run()
+    assert names == [replaced.name, query.name]
+
     # a photo without a face is skipped with a note and remembered; other settings get their own cache
     blank = gallery / world.known[2] / "wall.jpg"
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(blank)
