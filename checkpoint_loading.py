@@ -350,6 +350,13 @@ def _load(
     )
     _load_weights(model, state, architecture, path, keep_classifier, new_head)
     preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
+    notes = [_threshold_note(checkpoint)]
+    if image_size is not None and int(image_size) != preprocessing.image_size:
+        # distances shrink or grow with the input size: the stored threshold no longer separates the pairs
+        notes.append(
+            f"it was measured at {preprocessing.image_size} px input, and these embeddings are made at "
+            f"{int(image_size)} px"
+        )
     if image_size is not None:
         if int(image_size) < min_image_size(architecture):  # the size training refuses for this model
             raise InputError(
@@ -375,7 +382,7 @@ def _load(
         preprocess=preset_used,
         alignment_stored=checkpoint.get("alignment") is not None,
         new_head=new_head,
-        threshold_note=None if threshold is None else _threshold_note(checkpoint),
+        threshold_note=None if threshold is None else "; ".join(note for note in notes if note) or None,
     )
 
 

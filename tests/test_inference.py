@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 import checkpoint_loading
+import export_onnx
 import inference
 from errors import InputError
 from inference import (
@@ -553,6 +554,22 @@ def test_a_threshold_measured_on_earlier_weights_is_flagged(tmp_path, caplog, hi
         assert inference.decision_threshold(None, 0.97, path, note=loaded.threshold_note) == 0.97
         assert inference.decision_threshold(0.5, 0.97, path, note=loaded.threshold_note) == 0.5
     assert ("the last validation's" in caplog.text) == (note is not None)
+
+
+def test_a_threshold_used_at_another_input_size_is_flagged(tmp_path, capsys):
+    """Distances change with the input size, so the stored threshold no longer separates the pairs."""
+    path = tmp_path / "model.pt"
+    torch.save(this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40), path)
+    assert load_checkpoint(path, image_size=40).threshold_note is None
+    note = load_checkpoint(path, image_size=64).threshold_note
+    assert note == "it was measured at 40 px input, and these embeddings are made at 64 px"
+    checkpoint = this_repository_checkpoint(reference_resnet(18, "sequential"), image_size=40)
+    checkpoint.update(epoch=3, history={"validated_epochs": [2]})
+    torch.save(checkpoint, path)
+    note = load_checkpoint(path, image_size=64).threshold_note
+    assert "measured after epoch 2" in note and "made at 64 px" in note
+    assert export_onnx.main(["--model_path", str(path), str(tmp_path / "m.onnx"), "--image_size", "64"]) == 0
+    assert "made at 64 px" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
