@@ -136,13 +136,19 @@ def is_photo(path: Path) -> bool:
 
 
 def photos_under(folder: Path) -> list[Path]:
-    """The photos at any depth under `folder`, sorted; hidden files and folders are skipped."""
-    photos = []
-    for path in folder.rglob("*"):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+    """The photos at any depth under `folder`, sorted; hidden files and folders are skipped. Symbolic links
+    to folders are followed (a gallery of linked person folders), each real folder once, so a link loop ends."""
+    photos, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
             continue
-        if is_photo(path):
-            photos.append(path)
+        seen.add(real)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        photos += [
+            Path(root, name) for name in files if not name.startswith(".") and is_photo(Path(root, name))
+        ]
     return sorted(photos)
 
 

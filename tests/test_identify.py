@@ -715,3 +715,20 @@ def test_an_existing_output_is_not_replaced_unless_asked(tmp_path):
         identify.check_args(identify.get_args_parser().parse_args(argv))
     identify.check_args(identify.get_args_parser().parse_args(argv + ["--overwrite"]))
     assert output.read_text() == "earlier results\n"
+
+
+def test_person_folders_may_be_symbolic_links_and_a_link_loop_ends(tmp_path):
+    gallery, elsewhere = tmp_path / "gallery", tmp_path / "photos" / "bob"
+    (gallery / "alice").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    for path in (gallery / "alice" / "1.jpg", gallery / "alice" / "2.png", elsewhere / "1.jpg"):
+        path.write_bytes(b"a photo")
+    (gallery / "bob").symlink_to(elsewhere, target_is_directory=True)
+    (gallery / "alice" / "loop").symlink_to(gallery, target_is_directory=True)
+    (gallery / ".hidden").mkdir()
+    (gallery / ".hidden" / "3.jpg").write_bytes(b"a photo")
+    assert identify.gallery_photos(gallery) == {
+        "alice/1.jpg": "alice",
+        "alice/2.png": "alice",
+        "bob/1.jpg": "bob",
+    }
