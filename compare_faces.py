@@ -125,6 +125,8 @@ def resolve_image(path_text: str, base: Path) -> Path:
 
 def check_images_exist(paths) -> None:
     for path in paths:
+        if Path(path).is_dir():
+            raise InputError(f"image {path}: a folder, not a file")
         if not Path(path).is_file():
             raise InputError(f"image not found: {path}")
 

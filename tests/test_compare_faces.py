@@ -150,6 +150,7 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys):
         "none.pt: no such file": ["--model_path", str(tmp_path / "none.pt"), a, b],
         "photos: a folder, not a file": ["--model_path", str(photos), a, b],
         "image not found": ["--model_path", model, a, str(tmp_path / "ghost.png")],
+        f"image {photos}: a folder, not a file": ["--model_path", model, a, str(photos)],
         "could not read image": ["--model_path", model, a, str(not_an_image)],
         "stores no best_distance_threshold": ["--model_path", str(files / "no_threshold.pt"), a, b],
         "needs --output_csv": ["--model_path", model, "--pairs_csv", str(bad_csv)],
