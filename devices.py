@@ -24,8 +24,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
         if device.index is None:
             device = torch.device("cuda", local_rank)
+            if local_rank >= count:
+                raise InputError(
+                    f"--device {name}: this process is local rank {local_rank}, and this machine has {count} "
+                    f"GPU(s); start at most {count} processes per machine (torchrun --nproc_per_node)"
+                )
+        elif device.index >= count:
+            raise InputError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return device
 
 

@@ -53,9 +53,14 @@ def test_explicit_amp_choices():
 def test_devices_resolve_to_the_local_gpu(monkeypatch):
     assert devices.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert devices.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
     assert devices.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
     assert devices.resolve_device("cuda:2", local_rank=1) == torch.device("cuda", 2)
+    with pytest.raises(InputError, match=r"--device cuda:4: this machine has 4 GPU\(s\), cuda:0 to cuda:3"):
+        devices.resolve_device("cuda:4")
+    with pytest.raises(InputError, match="local rank 4, and this machine has 4 GPU.*--nproc_per_node"):
+        devices.resolve_device("auto", local_rank=4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="CUDA is not available"):
         devices.resolve_device("cuda")
