@@ -176,12 +176,30 @@ class LinearTask(TrainingTask):
         return 10
 
     def step(self, step_module, batch):
-        inputs, finite = batch
+        inputs, finite, *empty = batch  # empty: nothing to learn from (a batch without a triplet)
         loss = step_module(inputs).pow(2).mean()
         if not finite:
             loss = loss * float("nan")
-        count = torch.tensor(float(inputs.shape[0]))
+        count = torch.tensor(0.0 if empty and empty[0] else float(inputs.shape[0]))
+        loss = loss * (count > 0)
         return StepOutput(loss=loss, loss_sum=loss.detach().double() * count, count=count)
+
+
+def test_a_step_with_nothing_to_learn_from_leaves_the_weights_alone(tmp_path):
+    """No triplet in any batch: the gradients are zero, yet SGD's momentum and weight decay (Adam's too)
+    would still move the weights. The step is skipped and counted."""
+    task = LinearTask(Runtime(torch.device("cpu")))
+    task.optimizers = [torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)]
+    trainer = Trainer(task, tmp_path, validator=None)
+    inputs, totals, no_stop = torch.randn(4, 3), EpochTotals(), StopRequested()
+    trainer.train_step(0, 1, iter([(inputs, True)]), totals, no_stop)  # momentum to carry on with
+    before = [p.detach().clone() for p in task.model.parameters()]
+    trainer.train_step(0, 2, iter([(inputs, True, True)]), totals, no_stop)
+    assert all(torch.equal(a, b) for a, b in zip(before, task.model.parameters(), strict=True))
+    assert all(p.grad is None for p in task.model.parameters())
+    assert (totals.count, totals.skipped_steps, totals.nonfinite_steps) == (4, 1, 0)
+    trainer.train_step(0, 3, iter([(inputs, True)]), totals, no_stop)  # and training goes on
+    assert not torch.equal(before[0], task.model.weight) and totals.count == 8
 
 
 def test_a_nonfinite_loss_skips_the_step_and_five_in_a_row_stop_the_run(tmp_path):

@@ -360,6 +360,14 @@ class Trainer:
             out = self.task.step(self.step_module, batch)
         verdict = agree_on_step(out, stop.signal_name is not None, runtime)
         self.stop_agreed = self.stop_agreed or verdict.stop
+        if not verdict.nonfinite and verdict.count == 0:
+            # no process's batch held a triplet (one identity only, or only singletons): nothing to learn from,
+            # and an optimizer step on zero gradients would still move the weights (momentum, weight decay)
+            self.steps_completed += 1
+            totals.skipped_steps += 1
+            for optimizer in self.task.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return
         if not verdict.nonfinite:
             self.consecutive_nonfinite = 0
             loss = loss_for_ddp(out, verdict.count, runtime.world_size)
