@@ -216,10 +216,7 @@ def online_triplet_loss(
         anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
     else:
         anchors, positives, negatives = batch_all_triplets(embeddings, labels, margin)
-    # index_select, not indexing: on the CPU its backward sums each embedding's many triplets in a fixed
-    # order, so a seeded run repeats exactly (indexing's backward accumulates them in parallel)
-    picked = [embeddings.index_select(0, indices) for indices in (anchors, positives, negatives)]
-    loss = loss_fn(*picked)
+    loss = loss_fn.over_batch(embeddings, anchors, positives, negatives)
     return loss, torch.tensor(float(anchors.numel()), device=embeddings.device)
 
 

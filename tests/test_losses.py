@@ -52,6 +52,39 @@ def test_triplet_loss_matches_torch_oracle_and_gradients():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("squared", [False, True])
+def test_loss_over_batch_indices_matches_the_loss_of_the_gathered_triplets(squared):
+    """over_batch's (N, N) distance matrix gives F.triplet_margin_loss's value and gradients for the triplets
+    it indexes (float64), duplicate images in the batch included (distance 0: no NaN)."""
+    generator = torch.Generator().manual_seed(4)
+    embeddings = F.normalize(torch.randn(24, 16, generator=generator, dtype=torch.float64), dim=1)
+    embeddings[5] = embeddings[4]  # an image and its duplicate
+    labels = torch.arange(6).repeat_interleave(4)
+    anchors, positives, negatives = batch_all_triplets(embeddings, labels, margin=0.5, squared=squared)
+    anchors = torch.cat([anchors, torch.tensor([4])])  # the duplicate pair as anchor and positive
+    positives, negatives = (
+        torch.cat([positives, torch.tensor([5])]),
+        torch.cat([negatives, torch.tensor([9])]),
+    )
+    assert anchors.numel() > 500
+    loss_fn = TripletLoss(margin=0.5, squared=squared)
+    leaf = embeddings.clone().requires_grad_(True)
+    ours = loss_fn.over_batch(leaf, anchors, positives, negatives)
+    (ours_grad,) = torch.autograd.grad(ours, leaf)
+    leaf = embeddings.clone().requires_grad_(True)
+    picked = [leaf[indices] for indices in (anchors, positives, negatives)]
+    expected = loss_fn(*picked)
+    (expected_grad,) = torch.autograd.grad(expected, leaf)
+    if not squared:
+        torch.testing.assert_close(expected, F.triplet_margin_loss(*picked, margin=0.5, p=2))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(ours_grad).all()
+    empty = torch.empty(0, dtype=torch.int64)
+    zero = loss_fn.over_batch(embeddings.clone().requires_grad_(True), empty, empty, empty)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
 def test_triplet_loss_of_no_triplets_is_a_zero_with_a_graph():
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     empty = x[:0]
