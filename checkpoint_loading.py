@@ -185,6 +185,8 @@ class LoadedModel:
     new_head: bool = False  # load_for_training only: the embedding head is new, not the checkpoint's
     # set when the stored threshold was measured on other weights than these: what it was measured on
     threshold_note: str | None = None
+    # the --amp choice the training run validated in (bf16, fp16, off), when its checkpoint says
+    validation_precision: str | None = None
 
     def __post_init__(self):
         if self.alignment is None:
@@ -383,7 +385,13 @@ def _load(
         alignment_stored=checkpoint.get("alignment") is not None,
         new_head=new_head,
         threshold_note=None if threshold is None else "; ".join(note for note in notes if note) or None,
+        validation_precision=_validation_precision(checkpoint),
     )
+
+
+def _validation_precision(checkpoint: Mapping) -> str | None:
+    value = checkpoint.get("validation_precision")
+    return value if value in ("bf16", "fp16", "off") else None
 
 
 def _model_for(

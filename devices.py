@@ -90,6 +90,11 @@ def resolve_amp(choice: str, device: torch.device, training: bool = True) -> tor
     return torch.bfloat16 if choice == "bf16" else torch.float16
 
 
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The --amp choice that gives autocast ``dtype``: bf16, fp16, or off (full precision)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype]
+
+
 def available_cpus() -> int:
     """CPU cores this process may run on (the affinity mask, which containers narrow), else cpu_count."""
     if hasattr(os, "sched_getaffinity"):

@@ -28,7 +28,7 @@ import eval_metrics
 import plots
 from datasets.lfw_dataset import LFWDataset, resolve_lfw_pairs
 from datasets.verification_bin import VerificationBinDataset
-from devices import AMP_CHOICES, resolve_amp, resolve_device, usable_workers
+from devices import AMP_CHOICES, amp_name, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
 from fileio import write_json_atomic
 from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
@@ -64,8 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--amp",
         choices=AMP_CHOICES,
-        default="auto",
-        help="autocast dtype; auto: bf16 on GPUs with native bf16, fp16 on older ones, off on the CPU",
+        default=None,
+        help="autocast dtype; default: the one the training run validated in (its checkpoint says), so the "
+        "numbers match its log, else auto (bf16 on GPUs with native bf16, fp16 on older ones, off on the CPU)",
     )
     parser.add_argument(
         "--image_size",
@@ -152,6 +153,8 @@ def lfw_report(
         "evaluation": {
             **source,
             "num_pairs": int(len(dataset.issame)),
+            # --skip_missing: pairs of the file left out because an image is missing (not the official protocol)
+            "num_skipped_pairs": int(getattr(dataset, "num_skipped_pairs", 0)),
             "num_images": int(len(dataset)),
             "image_size": loaded.image_size,
             "flip": bool(args.flip),
@@ -251,12 +254,28 @@ def summary_table(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def evaluation_precision(choice: str | None, stored: str | None, device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype to embed in, and a few words on why: --amp when given, else the precision the
+    training run validated in (so the numbers match its log) where this device runs it, else auto."""
+    if choice is not None:
+        dtype = resolve_amp(choice, device, training=False)
+        return dtype, f"precision {amp_name(dtype)} (--amp {choice})"
+    if stored is not None and not (stored == "fp16" and device.type != "cuda"):
+        return resolve_amp(
+            stored, device, training=False
+        ), f"precision {stored}, as the training run validated"
+    dtype = resolve_amp("auto", device, training=False)
+    why = "the run validated in fp16, which needs CUDA" if stored is not None else "--amp auto"
+    return dtype, f"precision {amp_name(dtype)} ({why})"
+
+
 def run(args) -> dict:
     """Evaluate ``args.model_path`` on every target, print, write JSON and plots; returns the first target's
     JSON data (with several targets, all of them under ``"targets"``)."""
     targets = check_args(args)
     device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device, training=False)
+    if args.amp is not None:
+        resolve_amp(args.amp, device, training=False)  # --amp fp16 on the CPU fails here, before any work
     output_dir = args.output_dir or args.model_path.parent / f"{args.model_path.stem}_lfw"
     paths = {name: output_paths(output_dir, args.flip, name) for name, _ in targets}
     for json_path, plot_path in paths.values():
@@ -267,9 +286,10 @@ def run(args) -> dict:
     if device.type == "cuda":
         # NHWC weights let cuDNN use its channels-last (tensor core) kernels; the inputs follow suit
         loaded.model.to(memory_format=torch.channels_last)
+    amp_dtype, precision = evaluation_precision(args.amp, loaded.validation_precision, device)
     print(
         f"{args.model_path}: {loaded.architecture} ({loaded.layout} layout), epoch {loaded.epoch}, "
-        f"{loaded.image_size} px, on {device}"
+        f"{loaded.image_size} px, on {device}, {precision}"
     )
     # every target's files are read and checked before the first is embedded: a bad one fails in seconds
     opened = {name: open_target(name, path, args, loaded.transform()) for name, path in targets}

@@ -62,6 +62,7 @@ def test_one_epoch_writes_every_file(tiny_demo_data, tmp_path, capsys):
     assert checkpoint["epoch"] == 1 and checkpoint["model_architecture"] == "resnet18"
     assert checkpoint["embedding_dimension"] == 16 and checkpoint["batch_size_training"] == 8
     assert type(checkpoint["best_distance_threshold"]) is float
+    assert checkpoint["validation_precision"] == "off"  # --amp auto validates in fp32 on the CPU
     assert {"model.fc.0.weight", "model.fc.3.weight"} <= set(checkpoint["model_state_dict"])
 
     with (output_dir / "training_log.csv").open() as handle:

@@ -204,7 +204,11 @@ def test_command_on_full_lfw_embeds_each_image_once(tmp_path, monkeypatch, capsy
 
     output_dir = tmp_path / "model_epoch_0_lfw"  # the default: next to the checkpoint
     report = json.loads((output_dir / "lfw_metrics.json").read_text())
-    assert report["evaluation"]["num_pairs"] == 6000 and report["evaluation"]["num_images"] == NUM_LFW_IMAGES
+    assert (
+        report["evaluation"]["num_pairs"] == 6000
+        and report["evaluation"]["num_skipped_pairs"] == 0
+        and report["evaluation"]["num_images"] == NUM_LFW_IMAGES
+    )
     assert report["checkpoint"]["path"] == str(checkpoint.resolve())
     assert report["checkpoint"]["layout"] == "this repository"
     assert len(report["per_fold"]["accuracy"]) == 10
@@ -381,6 +385,32 @@ def test_flip_through_embed_images_matches_validation_path():
     )
 
 
+def test_the_command_embeds_in_the_precision_the_run_validated_in(tmp_path, capsys):
+    """A run trained with --amp bf16 on a CPU validated in bf16: by default the command does too, so its
+    numbers are the run's; --amp overrides; a stored fp16 needs CUDA, so the CPU falls back to auto."""
+    pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=2)
+    untrained = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
+    checkpoint = torch.load(untrained, weights_only=True)
+    results = {}
+    for stored, amp in ((None, None), ("bf16", None), ("bf16", "off"), ("fp16", None), ("off", None)):
+        path = tmp_path / f"stored_{stored}.pt"
+        torch.save({**checkpoint, **({} if stored is None else {"validation_precision": stored})}, path)
+        argv = ["--model_path", str(path), "--lfw", str(LFW_DIR), "--lfw_pairs", str(pairs_path)]
+        argv += ["--num_workers", "0", "--no_progress", "--output_dir", str(tmp_path / f"out_{stored}_{amp}")]
+        assert main(argv + ([] if amp is None else ["--amp", amp])) == 0
+        out = capsys.readouterr().out
+        report = json.loads((tmp_path / f"out_{stored}_{amp}" / "lfw_metrics.json").read_text())
+        results[stored, amp] = (report["evaluation"]["amp_dtype"], out.splitlines()[0])
+    assert results[None, None][0] is None and "precision off (--amp auto)" in results[None, None][1]
+    assert (
+        results["bf16", None][0] == "bfloat16"
+        and "bf16, as the training run validated" in results["bf16", None][1]
+    )
+    assert results["bf16", "off"][0] is None and "precision off (--amp off)" in results["bf16", "off"][1]
+    assert results["fp16", None][0] is None and "fp16, which needs CUDA" in results["fp16", None][1]
+    assert results["off", None][0] is None and "off, as the training run validated" in results["off", None][1]
+
+
 def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
     """--lfw as a .bin plus another --val_targets file (a .bin whatever its name): per-target JSON with the
     folder path's numbers."""
@@ -420,7 +450,7 @@ def test_command_evaluates_bins_and_prints_one_table(tmp_path, capsys):
         (["--val_targets", "/nonexistent/cfp_fp.bin"], "--val_targets: file not found"),
         (
             ["--lfw", str(LFW_DIR)],
-            f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {LFW_DIR})",
+            f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt, LFW_pairs.txt in {LFW_DIR})",
         ),
         (
             ["--lfw", str(LFW_DIR), "--lfw_pairs", str(LFW_PAIRS), "--image_size", "8"],

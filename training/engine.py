@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import eval_metrics
 from datasets.transforms import mean_and_std, normalization_entry
+from devices import amp_name
 from errors import InputError, user_error
 from fileio import save_torch_atomic
 from losses.partial_fc import mix_seed
@@ -179,6 +180,8 @@ class Trainer:
             "model_architecture": args.model,
             "optimizer_model_state_dict": task.optimizers[0].state_dict(),
             "best_distance_threshold": self.best_distance_threshold,
+            # the precision that threshold was measured in: validate_on_LFW.py evaluates in it by default
+            "validation_precision": amp_name(self.runtime.eval_amp_dtype),
             # what exact resume and inference need
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "task": task.name,
