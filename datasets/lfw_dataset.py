@@ -163,6 +163,7 @@ class LFWDataset(Dataset):
         ).reshape(-1, 2)
         self.issame: np.ndarray = parsed.issame[keep]
         self.fold_of_pair: np.ndarray = parsed.fold_of_pair[keep]
+        self.num_skipped_pairs: int = int((~keep).sum())  # --skip_missing: pairs left out for missing images
 
     @staticmethod
     def _report_dropped(dropped_folds: np.ndarray, num_pairs: int, num_missing: int) -> None:
@@ -200,8 +201,9 @@ def resolve_lfw_pairs(lfw_dir, lfw_pairs) -> str:
         if not os.path.isfile(lfw_pairs):
             raise InputError(f"--lfw_pairs {lfw_pairs}: {no_file_reason(lfw_pairs)}")
         return os.fspath(lfw_pairs)
-    for name in ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt"):
+    names = ("pairs.txt", "lfw_pairs.txt", "LFW_pairs.txt")
+    for name in names:
         candidate = os.path.join(lfw_dir, name)
         if os.path.isfile(candidate):
             return candidate
-    raise InputError(f"no LFW pairs file: pass --lfw_pairs (none of pairs.txt, lfw_pairs.txt in {lfw_dir})")
+    raise InputError(f"no LFW pairs file: pass --lfw_pairs (none of {', '.join(names)} in {lfw_dir})")

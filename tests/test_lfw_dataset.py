@@ -92,7 +92,7 @@ def test_skip_missing_drops_only_the_affected_pairs_and_keeps_folds(lfw_without_
         dataset = LFWDataset(root, LFW_PAIRS, skip_missing=True)
     keep = np.ones(6000, dtype=bool)
     keep[affected] = False
-    assert len(dataset.pairs) == 6000 - len(affected)
+    assert len(dataset.pairs) == 6000 - len(affected) and dataset.num_skipped_pairs == len(affected) > 0
     assert np.array_equal(dataset.fold_of_pair, (np.arange(6000) // 600)[keep])
     assert np.array_equal(dataset.issame, np.tile(np.repeat([True, False], 300), 10)[keep])
     expected = [p for p, k in zip(brute_force_pairs(LFW_PAIRS), keep, strict=True) if k]
