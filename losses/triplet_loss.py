@@ -69,8 +69,10 @@ class TripletLoss(nn.Module):
         losses = F.relu(positive_distances - negative_distances + self.margin)
         if mask is None:
             return losses.mean()
-        # where() rather than multiplication, so a non-finite loss outside the mask cannot leak in
-        return torch.where(mask, losses, 0.0).sum() / mask.sum().clamp_min(1)
+        # a non-finite embedding outside the mask would still send NaN gradients through the masked-out
+        # entries' backward while the loss stayed finite; the zero-weighted sum makes the loss non-finite too,
+        # so the engine skips the step instead of stepping on NaN gradients
+        return torch.where(mask, losses, 0.0).sum() / mask.sum().clamp_min(1) + losses.sum() * 0.0
 
     def over_batch(
         self,
@@ -97,7 +99,9 @@ class TripletLoss(nn.Module):
         # run repeats exactly (indexing's backward accumulates them in parallel)
         positive_distances = distances.index_select(0, anchors * size + positives)
         negative_distances = distances.index_select(0, anchors * size + negatives)
-        return F.relu(positive_distances - negative_distances + self.margin).mean()
+        # + 0 * every distance: a non-finite embedding in no triplet still sends NaN gradients through the
+        # matrix; it makes the loss non-finite too, so the engine skips the step (as in forward's masked form)
+        return F.relu(positive_distances - negative_distances + self.margin).mean() + distances.sum() * 0.0
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}"

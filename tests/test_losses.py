@@ -85,6 +85,24 @@ def test_loss_over_batch_indices_matches_the_loss_of_the_gathered_triplets(squar
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+def test_a_nonfinite_embedding_outside_the_chosen_triplets_makes_the_loss_nonfinite():
+    """Its NaN reaches the gradients of finite embeddings all the same; a finite loss would let the engine
+    step on them. A non-finite loss makes it skip the step."""
+    anchor, positive, negative = (t.clone() for t in random_triplets(n=6))
+    negative[5] = float("nan")
+    mask = torch.tensor([True, True, False, False, False, False])
+    leaf = anchor.clone().requires_grad_(True)
+    loss = TripletLoss(margin=0.2)(leaf, positive, negative, mask=mask)
+    (gradient,) = torch.autograd.grad(loss, leaf)
+    assert not torch.isfinite(loss) and not torch.isfinite(gradient).all()  # the NaN reaches the gradients
+    embeddings = F.normalize(torch.randn(8, 4, dtype=torch.float64), dim=1)
+    embeddings[7] = float("nan")
+    triplet = torch.tensor([0]), torch.tensor([1]), torch.tensor([2])  # none uses embedding 7
+    assert not torch.isfinite(TripletLoss(margin=0.2).over_batch(embeddings, *triplet))
+    embeddings[7] = 0.5
+    assert torch.isfinite(TripletLoss(margin=0.2).over_batch(embeddings, *triplet))
+
+
 def test_triplet_loss_of_no_triplets_is_a_zero_with_a_graph():
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     empty = x[:0]
