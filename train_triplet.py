@@ -203,6 +203,18 @@ def resolve_batch_composition(args: argparse.Namespace) -> None:
 Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def online_steps(num_images: int, images_per_step: int, world_size: int) -> int:
+    """Steps per epoch of each process when mining online: its share of --num_triplets_train images (the
+    original's flag; online it counts images), in batches of ``images_per_step``."""
+    steps = math.ceil((num_images // world_size) / images_per_step)
+    if steps == 0:
+        raise InputError(
+            f"--num_triplets_train {num_images} is fewer than the {world_size} processes: no process would "
+            "train a step"
+        )
+    return steps
+
+
 def selection_rule(margin: float, rule: str) -> Selector:
     return lambda anchor, positive, negative: triplet_selection_mask(anchor, positive, negative, margin, rule)
 
@@ -311,7 +323,7 @@ class TripletTask(TrainingTask):
                 f"{images_per_step} images, not --batch_size {args.batch_size}"
                 + (" (--identities_per_batch decides)" if was_given(args, "identities_per_batch") else "")
             )
-        self.num_steps = math.ceil((args.num_triplets_train // runtime.world_size) / images_per_step)
+        self.num_steps = online_steps(args.num_triplets_train, images_per_step, runtime.world_size)
         if self.online:
             self.dataset = LabelledFaceDataset(args.dataroot, csv_path, transform=transform)
         else:

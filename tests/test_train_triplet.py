@@ -580,3 +580,10 @@ def test_a_pregenerated_run_resumed_with_online_mining_drops_the_pregenerated_ba
         "args"
     ]
     assert saved["triplet_selection"] == "batch_all" and saved["num_human_identities_per_batch"] is None
+
+
+def test_online_steps_per_process_and_too_few_images_for_the_processes():
+    assert train_triplet.online_steps(64, 64, 1) == 1 and train_triplet.online_steps(65, 64, 1) == 2
+    assert train_triplet.online_steps(256, 64, 2) == 2 and train_triplet.online_steps(2, 64, 2) == 1
+    with pytest.raises(InputError, match="--num_triplets_train 3 is fewer than the 4 processes"):
+        train_triplet.online_steps(3, 64, 4)
