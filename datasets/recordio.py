@@ -19,9 +19,10 @@ mxnet no longer installs on current Python, so this is a reader and writer of ou
   without such a record 0 is read as "every key in the .idx is an image".
 
 `RecordIOFaceDataset` reads the labels of all images once, at construction. Under an insightface header it
-takes them from the identity records (one small record per identity, stored together after the images), so a
-Glint360K-sized .rec is not read from end to end at every start: face records are about the size of a disk
-page, and reading a few bytes of each would read nearly the whole file. Without identity records it reads
+takes them from the identity records (one small record per identity, stored together after the images), so an
+MS1M-sized .rec (5.8M images) is not read from end to end at every start: face records are about the size of
+a disk page, and reading a few bytes of each would read nearly the whole file. Past 2^24 keys (Glint360K,
+WebFace42M) the identity records' float32 ranges are inexact, and each image's label is read instead. Without identity records it reads
 the first 36 bytes of each image record, by a vectorised gather from a memory map of the .rec.
 `datasets/recordio_writer.py` packs a folder of identity folders, resumably.
 """
@@ -316,7 +317,9 @@ def image_keys(reader: RecordIOReader) -> np.ndarray:
             f"{reader.rec_path}: the header record 0 ends the image keys at {end}, far past the index's last "
             f"key {last_key}"
         )
-    if end > MAX_EXACT_FLOAT32_INT:  # insightface's float32 header can be a few keys off (exact_image_end)
+    # insightface's float32 header can be a few keys off (exact_image_end); 2^24 itself may be 2^24 + 1
+    # rounded down (a pack of exactly 2^24 images)
+    if end >= MAX_EXACT_FLOAT32_INT:
         end = exact_image_end(reader, end)
     keys = np.arange(1, end, dtype=np.int64)
     reader.offsets_of(keys)  # every promised image key must be in the index

@@ -552,6 +552,16 @@ def test_a_pack_past_the_exact_float32_range_is_written_and_read_back(make_face_
         write_recordio(root, tmp_path / "more_classes_than_float32_holds.rec")
 
 
+def test_a_header_end_rounded_down_to_2_24_keeps_the_last_image(tmp_path, monkeypatch):
+    """A pack of exactly 2^24 images ends its images at 2^24 + 1, which float32 rounds down to 2^24."""
+    images = {key: pack_record(key % 2, image_file_bytes(key, tmp_dir=tmp_path)) for key in range(1, 5)}
+    identities = {5: pack_record(0, b"", label_vector=[1, 3]), 6: pack_record(0, b"", label_vector=[3, 5])}
+    header = {0: pack_record(0, b"", label_vector=[4, 7])}  # the end (5) rounded down to the limit
+    rec_path = write_rec(tmp_path / "exact.rec", {**header, **images, **identities})
+    monkeypatch.setattr(recordio, "MAX_EXACT_FLOAT32_INT", 4)  # as if 4 were 2^24
+    assert RecordIOFaceDataset(rec_path).keys.tolist() == [1, 2, 3, 4]
+
+
 def test_a_rec_tables_paths_are_made_per_row_and_name_the_record(packed_tree):
     from datasets.face_source import RecordPaths, open_face_table
 
