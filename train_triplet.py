@@ -228,7 +228,14 @@ def online_triplet_loss(
         anchors, positives, negatives = batch_hard_triplets(embeddings, labels)
     else:
         anchors, positives, negatives = batch_all_triplets(embeddings, labels, margin)
-    loss = loss_fn.over_batch(embeddings, anchors, positives, negatives)
+    if rule == "batch_hard":
+        # one triplet per anchor: three (N, D) gathers are cheaper than over_batch's (N, N, D) differences.
+        # index_select, not indexing: on the CPU its backward sums each embedding's rows in a fixed order, so
+        # a seeded run repeats exactly; the zero-weighted sum makes a non-finite embedding skip the step
+        picked = [embeddings.index_select(0, indices) for indices in (anchors, positives, negatives)]
+        loss = loss_fn(*picked) + embeddings.sum() * 0.0
+    else:  # batch-all: about N^2 K triplets, so one (N, N) distance matrix
+        loss = loss_fn.over_batch(embeddings, anchors, positives, negatives)
     return loss, torch.tensor(float(anchors.numel()), device=embeddings.device)
 
 

@@ -101,6 +101,13 @@ def test_a_nonfinite_embedding_outside_the_chosen_triplets_makes_the_loss_nonfin
     assert not torch.isfinite(TripletLoss(margin=0.2).over_batch(embeddings, *triplet))
     embeddings[7] = 0.5
     assert torch.isfinite(TripletLoss(margin=0.2).over_batch(embeddings, *triplet))
+    import train_triplet
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    embeddings[7] = float("nan")
+    for rule in ("batch_all", "batch_hard"):
+        loss, _ = train_triplet.online_triplet_loss(embeddings, labels, rule, 0.2, TripletLoss(margin=0.2))
+        assert not torch.isfinite(loss), rule
 
 
 def test_triplet_loss_of_no_triplets_is_a_zero_with_a_graph():
