@@ -28,7 +28,7 @@ import eval_metrics
 import plots
 from datasets.lfw_dataset import LFWDataset, resolve_lfw_pairs
 from datasets.verification_bin import VerificationBinDataset
-from devices import AMP_CHOICES, amp_name, resolve_amp, resolve_device, usable_workers
+from devices import AMP_CHOICES, amp_name, auto_amp, resolve_amp, resolve_device, usable_workers
 from errors import InputError, report_input_errors
 from fileio import write_json_atomic
 from inference import PREPROCESS_PRESETS, LoadedModel, load_checkpoint, preset_help
@@ -255,17 +255,20 @@ def summary_table(reports: dict[str, dict]) -> list[str]:
 
 
 def evaluation_precision(choice: str | None, stored: str | None, device) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype to embed in, and a few words on why: --amp when given, else the precision the
-    training run validated in (so the numbers match its log) where this device runs it, else auto."""
+    """The autocast dtype to embed in, and a few words on why: --amp when given; else the precision the
+    training run validated in (so the numbers match its log) where this device has it natively (fp32
+    anywhere, bf16 where --amp auto would train in it, fp16 on CUDA); else auto."""
     if choice is not None:
         dtype = resolve_amp(choice, device, training=False)
         return dtype, f"precision {amp_name(dtype)} (--amp {choice})"
-    if stored is not None and not (stored == "fp16" and device.type != "cuda"):
-        return resolve_amp(
-            stored, device, training=False
-        ), f"precision {stored}, as the training run validated"
+    native = {"off", amp_name(auto_amp(device)[0])} | ({"fp16"} if device.type == "cuda" else set())
+    if stored in native:
+        dtype = resolve_amp(stored, device, training=False)
+        return dtype, f"precision {stored}, as the training run validated"
     dtype = resolve_amp("auto", device, training=False)
-    why = "the run validated in fp16, which needs CUDA" if stored is not None else "--amp auto"
+    why = (
+        f"the run validated in {stored}, not native here; --amp auto" if stored is not None else "--amp auto"
+    )
     return dtype, f"precision {amp_name(dtype)} ({why})"
 
 

@@ -385,9 +385,13 @@ def test_flip_through_embed_images_matches_validation_path():
     )
 
 
-def test_the_command_embeds_in_the_precision_the_run_validated_in(tmp_path, capsys):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_command_embeds_in_the_precision_the_run_validated_in(tmp_path, capsys, monkeypatch, native_bf16):
     """A run trained with --amp bf16 on a CPU validated in bf16: by default the command does too, so its
-    numbers are the run's; --amp overrides; a stored fp16 needs CUDA, so the CPU falls back to auto."""
+    numbers are the run's, where bf16 is native; --amp overrides; a stored fp16 needs CUDA, so the CPU
+    falls back to auto, as it does for bf16 on a CPU without native bf16."""
+    native = (torch.bfloat16, "bf16: native") if native_bf16 else (None, "off: no native bf16")
+    monkeypatch.setattr(validate_on_LFW, "auto_amp", lambda device: native)
     pairs_path = write_subset_pairs(tmp_path / "pairs_subset.txt", per_kind=2)
     untrained = save_untrained_checkpoint(tmp_path / "untrained.pt", image_size=32)
     checkpoint = torch.load(untrained, weights_only=True)
@@ -402,12 +406,16 @@ def test_the_command_embeds_in_the_precision_the_run_validated_in(tmp_path, caps
         report = json.loads((tmp_path / f"out_{stored}_{amp}" / "lfw_metrics.json").read_text())
         results[stored, amp] = (report["evaluation"]["amp_dtype"], out.splitlines()[0])
     assert results[None, None][0] is None and "precision off (--amp auto)" in results[None, None][1]
-    assert (
-        results["bf16", None][0] == "bfloat16"
-        and "bf16, as the training run validated" in results["bf16", None][1]
-    )
+    if native_bf16:
+        assert results["bf16", None][0] == "bfloat16"
+        assert "bf16, as the training run validated" in results["bf16", None][1]
+    else:
+        assert results["bf16", None][0] is None
+        assert "validated in bf16, not native here" in results["bf16", None][1]
     assert results["bf16", "off"][0] is None and "precision off (--amp off)" in results["bf16", "off"][1]
-    assert results["fp16", None][0] is None and "fp16, which needs CUDA" in results["fp16", None][1]
+    assert (
+        results["fp16", None][0] is None and "validated in fp16, not native here" in results["fp16", None][1]
+    )
     assert results["off", None][0] is None and "off, as the training run validated" in results["off", None][1]
 
 
