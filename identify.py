@@ -61,7 +61,7 @@ from inference import (
 )
 
 CACHE_PREFIX = ".gallery_embeddings_"
-CACHE_FORMAT = 2  # 2: a photo is known by size, mtime, ctime and inode (1: size and mtime)
+CACHE_FORMAT = 2  # 2: a photo is known by size, mtime and ctime (1: size and mtime)
 UNKNOWN = "unknown"
 SKIPPED = "skipped"  # the identity of a query photo that could not be read or (with --align) showed no face
 OUTPUT_COLUMNS = ("query", "identity", "distance", "nearest_identity")
@@ -231,11 +231,11 @@ def cache_path(gallery: Path, settings: dict) -> Path:
 
 
 def file_stamp(path: Path) -> list[int]:
-    """What says a gallery photo is unchanged: size, mtime, ctime and inode. Size and mtime alone miss a photo
-    replaced by another of the same size with its timestamp kept (`cp -p`, unpacking an archive); the
-    ctime and the inode cannot be set that way."""
+    """What says a gallery photo is unchanged: size, mtime and ctime. Size and mtime alone miss a photo
+    replaced by another of the same size with its timestamp kept (`cp -p`, unpacking an archive, `mv`); the
+    ctime cannot be set that way. (Not the inode: network file systems may not keep it stable.)"""
     stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def read_cache(path: Path, settings: dict) -> dict[str, dict]:
