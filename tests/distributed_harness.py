@@ -75,6 +75,7 @@ if os.environ.get("HARNESS_CLOCK_OFFSET_RANK") == str(RANK):
     time.time = lambda: real_time() + 1.0
 
 wrap(losses.triplet_loss.TripletLoss, "forward", lambda self, *a, **k: on_loss_call())
+wrap(losses.triplet_loss.TripletLoss, "over_batch", lambda self, *a, **k: on_loss_call())  # batch-all
 wrap(losses.center_loss.CenterLoss, "forward", lambda self, *a, **k: on_loss_call())
 wrap(losses.partial_fc.CosineClassifier, "forward", lambda self, *a, **k: on_loss_call())
 
