@@ -347,3 +347,32 @@ def test_freeze_under_two_processes_with_gloo(tiny_demo_data, tmp_path, ours):
     assert not backbone_changed(checkpoint_of(output_dir, 1)["model_state_dict"], expected)
     assert head_changed(checkpoint_of(output_dir, 1)["model_state_dict"], expected)
     assert backbone_changed(checkpoint_of(output_dir, 2)["model_state_dict"], expected)
+
+
+def test_sgd_trains_the_backbone_after_the_frozen_epochs_as_plain_sgd_would():
+    """Only the head has momentum buffers after frozen steps; torch's fused SGD takes all or none (a TypeError
+    at the first step after the unfreeze). The completed buffers give plain SGD's update exactly."""
+    from models import build_model
+    from training.builders import build_optimizer
+    from training.finetune import complete_momentum_buffers, set_backbone_frozen
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", embedding_dim=8)
+    reference = build_model("resnet18", embedding_dim=8)
+    reference.load_state_dict(model.state_dict())
+    ours = build_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=1e-5)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5, foreach=False)
+    images = torch.randn(4, 3, 32, 32)
+    for frozen in (True, False, False):
+        for net, optimizer in ((model, ours), (reference, plain)):
+            net.train()
+            set_backbone_frozen(net, "resnet18", frozen)
+            if not frozen:
+                complete_momentum_buffers([optimizer])
+            optimizer.zero_grad(set_to_none=True)
+            net(images).pow(2).sum().backward()
+            optimizer.step()
+    for (name, ours_value), theirs in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(ours_value, theirs, rtol=1e-5, atol=1e-6, msg=name)

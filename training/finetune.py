@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from checkpoint_loading import LoadedModel, load_for_training
@@ -168,3 +169,25 @@ def set_backbone_frozen(model: nn.Module, architecture: str, frozen: bool) -> No
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and is_backbone(name, architecture):
                 module.eval()
+
+
+def complete_momentum_buffers(optimizers) -> None:
+    """Give every parameter of an SGD optimizer a momentum buffer once any has one.
+
+    After frozen epochs only the head has buffers, and torch's fused SGD kernel takes all or none (a
+    TypeError at the first step after the unfreeze, or after a resume past it). With no dampening, torch's
+    first step sets a new buffer to the gradient, which a zero buffer gives too: the update is the same.
+    """
+    for optimizer in optimizers:
+        if not isinstance(optimizer, torch.optim.SGD):
+            continue
+        for group in optimizer.param_groups:
+            states = [optimizer.state.get(parameter, {}) for parameter in group["params"]]
+            if group["momentum"] == 0 or not any("momentum_buffer" in state for state in states):
+                continue
+            for parameter in group["params"]:
+                state = optimizer.state[parameter]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        parameter, memory_format=torch.preserve_format
+                    )
