@@ -587,3 +587,12 @@ def test_online_steps_per_process_and_too_few_images_for_the_processes():
     assert train_triplet.online_steps(256, 64, 2) == 2 and train_triplet.online_steps(2, 64, 2) == 1
     with pytest.raises(InputError, match="--num_triplets_train 3 is fewer than the 4 processes"):
         train_triplet.online_steps(3, 64, 4)
+
+
+def test_the_demo_gives_a_model_that_needs_more_than_its_64_px_its_smallest_size():
+    def image_size(*argv):
+        return parse_args(train_triplet.get_args_parser(), list(argv), train_triplet.DEMO_DEFAULTS).image_size
+
+    assert image_size("--demo") == 64
+    assert image_size("--demo", "--model", "inception_resnet_v1") == 75
+    assert image_size("--demo", "--model", "inceptionresnetv2", "--image_size", "96") == 96

@@ -325,6 +325,9 @@ def parse_args(
         parser.set_defaults(**{**DEMO_DEFAULTS, **demo_defaults})
     args = parser.parse_args(argv)
     args.given_flags = given_flags(parser, argv)
+    if args.demo and "image_size" not in args.given_flags:
+        # the demo's 64 px is below the Inception models' 75: they get their smallest instead
+        args.image_size = max(args.image_size, min_image_size(args.model))
     if not args.demo:
         missing = ["--dataroot/-d"] if not args.dataroot else []
         if not args.lfw and not args.val_targets:
