@@ -330,8 +330,8 @@ class TripletTask(TrainingTask):
                 f"{images_per_step} images, not --batch_size {args.batch_size}"
                 + (" (--identities_per_batch decides)" if was_given(args, "identities_per_batch") else "")
             )
-        self.num_steps = online_steps(args.num_triplets_train, images_per_step, runtime.world_size)
         if self.online:
+            self.num_steps = online_steps(args.num_triplets_train, images_per_step, runtime.world_size)
             self.dataset = LabelledFaceDataset(args.dataroot, csv_path, transform=transform)
         else:
             self.dataset = TripletFaceDataset(

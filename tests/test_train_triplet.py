@@ -304,12 +304,15 @@ def test_sigint_checkpoints_mid_epoch_and_resume_finishes(tiny_demo_data, tmp_pa
     assert "SIGINT: stopping after this step with a checkpoint (Ctrl-C again stops at once" in captured.err
     state = torch.load(interrupted, weights_only=True)
     assert state["epoch"] == 0 and state["step_in_epoch"] == 2  # the step in flight was finished
+    # nothing validated yet: no threshold, and no precision it was measured in
+    assert state["best_distance_threshold"] is None and state["validation_precision"] is None
     monkeypatch.setattr(train_triplet.TripletTask, "step", real_step)
     assert (
         run_main(triplet_args(tiny_demo_data, output_dir, "--epochs", "1", "--resume_path", interrupted)) == 0
     )
     final = torch.load(output_dir / "checkpoints" / "model_resnet18_triplet_epoch_1.pt", weights_only=True)
     assert final["epoch"] == 1 and final["step_in_epoch"] == 0
+    assert final["validation_precision"] == "off"  # validated after the resumed epoch, in fp32 on the CPU
 
 
 def test_demo_defaults_apply_only_to_flags_not_given():

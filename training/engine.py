@@ -163,6 +163,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.use_grad_scaler)
         self.history = History()
         self.best_distance_threshold: float | None = None
+        self.validation_precision: str | None = None  # the precision that threshold was measured in
         # where a resumed run continues: epoch, step within it, and that epoch's totals so far
         self.start_epoch = 0
         self.start_step = 0
@@ -186,7 +187,7 @@ class Trainer:
             "optimizer_model_state_dict": task.optimizers[0].state_dict(),
             "best_distance_threshold": self.best_distance_threshold,
             # the precision that threshold was measured in: validate_on_LFW.py evaluates in it by default
-            "validation_precision": amp_name(self.runtime.eval_amp_dtype),
+            "validation_precision": self.validation_precision,
             # what exact resume and inference need
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "task": task.name,
@@ -296,6 +297,7 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["grad_scaler_state_dict"])
         task.load_checkpoint_extras(checkpoint)
         self.best_distance_threshold = checkpoint["best_distance_threshold"]
+        self.validation_precision = checkpoint.get("validation_precision")
         self.history = History(**checkpoint["history"])
         self.start_epoch = checkpoint["epoch"]
         self.start_step = checkpoint["step_in_epoch"]
@@ -480,6 +482,7 @@ class Trainer:
             )
             if index == 0:
                 self.best_distance_threshold = float(summary["best_distance_threshold_mean"])
+                self.validation_precision = amp_name(self.runtime.eval_amp_dtype)
                 row.update(summary)
             else:
                 for key in ("accuracy_mean", "accuracy_std", "roc_auc"):

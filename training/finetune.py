@@ -183,11 +183,13 @@ def complete_momentum_buffers(optimizers) -> None:
             continue
         for group in optimizer.param_groups:
             states = [optimizer.state.get(parameter, {}) for parameter in group["params"]]
-            if group["momentum"] == 0 or not any("momentum_buffer" in state for state in states):
+            if group["momentum"] == 0 or group["dampening"] != 0:  # a zero buffer is torch's start only then
+                continue
+            if not any("momentum_buffer" in state for state in states):
                 continue
             for parameter in group["params"]:
                 state = optimizer.state[parameter]
-                if state.get("momentum_buffer") is None:
+                if parameter.requires_grad and state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(
                         parameter, memory_format=torch.preserve_format
                     )
