@@ -38,12 +38,7 @@ from training.checkpoint import (
 )
 from training.cli import check_common_args, was_given
 from training.coordination import FailureWatch, StopRequested, agree_on_step, agree_to_stop
-from training.finetune import (
-    complete_momentum_buffers,
-    load_initial_weights,
-    set_backbone_frozen,
-    settle_run_settings,
-)
+from training.finetune import apply_backbone_freeze, load_initial_weights, settle_run_settings
 from training.records import EpochTotals, History, append_csv_row, plot_history
 from training.run_folder import agreed_latest_checkpoint, prepare_output
 from training.runtime import (
@@ -343,17 +338,7 @@ class Trainer:
 
     def freeze_backbone(self, frozen: bool) -> None:
         """--freeze_backbone_epochs: only the embedding head and the loss's own parameters train."""
-        if frozen or self.backbone_frozen:
-            set_backbone_frozen(self.task.model, self.args.model, frozen)
-        if not frozen:  # also after a resume past the frozen epochs: the buffers come from the checkpoint
-            complete_momentum_buffers(self.task.optimizers)
-        if frozen != self.backbone_frozen:
-            log.info(
-                f"the backbone is frozen for the first {self.args.freeze_backbone_epochs} epoch(s): only the "
-                "embedding head and the loss's parameters train"
-                if frozen
-                else "the backbone trains from now on"
-            )
+        apply_backbone_freeze(self.task.model, self.args, frozen, self.backbone_frozen, self.task.optimizers)
         self.backbone_frozen = frozen
 
     def train_step(self, epoch: int, step: int, batches, totals: EpochTotals, stop: StopRequested) -> None:

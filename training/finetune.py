@@ -171,6 +171,25 @@ def set_backbone_frozen(model: nn.Module, architecture: str, frozen: bool) -> No
                 module.eval()
 
 
+def apply_backbone_freeze(
+    model: nn.Module, args: argparse.Namespace, frozen: bool, was_frozen: bool, optimizers
+) -> None:
+    """Freeze the backbone for an epoch of --freeze_backbone_epochs, or let it train (saying so when that
+    changes); once it trains, every SGD parameter gets a momentum buffer (also after a resume past the frozen
+    epochs, whose checkpoint holds the head's buffers only)."""
+    if frozen or was_frozen:
+        set_backbone_frozen(model, args.model, frozen)
+    if not frozen:
+        complete_momentum_buffers(optimizers)
+    if frozen != was_frozen:
+        log.info(
+            f"the backbone is frozen for the first {args.freeze_backbone_epochs} epoch(s): only the embedding "
+            "head and the loss's parameters train"
+            if frozen
+            else "the backbone trains from now on"
+        )
+
+
 def complete_momentum_buffers(optimizers) -> None:
     """Give every parameter of an SGD optimizer a momentum buffer once any has one.
 
