@@ -41,7 +41,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +201,7 @@ class LoadedModel:
 
     def transform(self):
         """The preprocessing this model was trained with: PIL image in, normalised tensor out."""
-        return face_transform(self.image_size, self.mean, self.std)
+        return eval_transform(self.image_size, mean=tuple(self.mean), std=tuple(self.std))
 
     def info(self) -> dict:
         """Plain-data description for logs and JSON reports (everything but the model itself)."""
@@ -221,11 +221,6 @@ class LoadedModel:
             "alignment_source": self.alignment_source,
             "distance_scale": self.distance_scale,
         }
-
-
-def face_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """Evaluation preprocessing at `image_size` with the given per-channel normalisation."""
-    return eval_transform(image_size, mean=tuple(mean), std=tuple(std))
 
 
 def read_checkpoint(path) -> dict:
@@ -352,13 +347,7 @@ def _load(
     )
     _load_weights(model, state, architecture, path, keep_classifier, new_head)
     preprocessing, preset_used = _preprocessing(checkpoint, layout, path, preprocess)
-    notes = [_threshold_note(checkpoint)]
-    if image_size is not None and int(image_size) != preprocessing.image_size:
-        # distances shrink or grow with the input size: the stored threshold no longer separates the pairs
-        notes.append(
-            f"it was measured at {preprocessing.image_size} px input, and these embeddings are made at "
-            f"{int(image_size)} px"
-        )
+    measured_size = preprocessing.image_size  # the input size the stored threshold was measured at
     if image_size is not None:
         if int(image_size) < min_image_size(architecture):  # the size training refuses for this model
             raise InputError(
@@ -384,7 +373,7 @@ def _load(
         preprocess=preset_used,
         alignment_stored=checkpoint.get("alignment") is not None,
         new_head=new_head,
-        threshold_note=None if threshold is None else "; ".join(note for note in notes if note) or None,
+        threshold_note=None if threshold is None else _threshold_note(checkpoint, measured_size, image_size),
         validation_precision=_validation_precision(checkpoint),
     )
 
@@ -538,8 +527,8 @@ def _preprocessing(
             "%s stores the preprocessing it was trained with (%d px, mean %s, std %s); ignoring preset %s",
             path,
             image_size,
-            _rounded(mean),
-            _rounded(std),
+            rounded(mean),
+            rounded(std),
             preset,
         )
     return stored, None
@@ -552,7 +541,8 @@ def _same_preprocessing(first: Preprocessing, second: Preprocessing) -> bool:
     )
 
 
-def _rounded(values) -> str:
+def rounded(values) -> str:
+    """Mean or std values for a message: (0.5, 0.5, 0.5)."""
     return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
 
 
@@ -585,17 +575,23 @@ def _optional_int(checkpoint: Mapping, key: str, path) -> int | None:
     return int(value)
 
 
-def _threshold_note(checkpoint: Mapping) -> str | None:
-    """Why a checkpoint of this repository stores a threshold measured on other weights, or None.
+def _threshold_note(checkpoint: Mapping, measured_size: int, image_size: int | None) -> str | None:
+    """Why the stored threshold may not separate these embeddings' pairs, or None.
 
-    The threshold is that of the last validation; with --lfw_validation_epoch_interval > 1, and in
-    interrupted or --checkpoint_every_steps checkpoints, the weights saved have trained on since."""
+    It is that of the last validation: with --lfw_validation_epoch_interval > 1, and in interrupted or
+    --checkpoint_every_steps checkpoints of this repository, the weights saved have trained on since. And
+    distances shrink or grow with the input size, so it holds only at the size it was measured at."""
+    notes = []
     history, epoch = checkpoint.get("history"), checkpoint.get("epoch")
-    if not isinstance(history, Mapping) or not isinstance(epoch, int):
-        return None  # the original's layouts: their threshold is the saved epoch's
-    validated = history.get("validated_epochs") or []
-    step = checkpoint.get("step_in_epoch") or 0
-    if not validated or (validated[-1] == epoch and not step):
-        return None
-    where = f"epoch {epoch}" + (f" plus {step} steps" if step else "")
-    return f"it was measured after epoch {validated[-1]}, and these weights are from {where}"
+    # the original's layouts have no history: their threshold is the saved epoch's
+    if isinstance(history, Mapping) and isinstance(epoch, int):
+        validated = history.get("validated_epochs") or []
+        step = checkpoint.get("step_in_epoch") or 0
+        if validated and (validated[-1] != epoch or step):
+            where = f"epoch {epoch}" + (f" plus {step} steps" if step else "")
+            notes.append(f"it was measured after epoch {validated[-1]}, and these weights are from {where}")
+    if image_size is not None and int(image_size) != measured_size:
+        notes.append(
+            f"it was measured at {measured_size} px input, and these embeddings are made at {int(image_size)} px"
+        )
+    return "; ".join(notes) or None

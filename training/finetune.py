@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint_loading import LoadedModel, load_for_training
+from checkpoint_loading import LoadedModel, load_for_training, rounded
 from datasets.transforms import normalization_entry
 from errors import InputError
 from models import default_preprocessing
@@ -148,13 +148,9 @@ def load_initial_weights(model: nn.Module, source: LoadedModel, args: argparse.N
     )
     log.info(
         f"initialised from {source.path} ({source.layout}, {source.architecture}): its backbone and {head}; "
-        f"{args.image_size} px, mean {_rounded(args.normalization['mean'])}, "
-        f"std {_rounded(args.normalization['std'])}"
+        f"{args.image_size} px, mean {rounded(args.normalization['mean'])}, "
+        f"std {rounded(args.normalization['std'])}"
     )
-
-
-def _rounded(values) -> str:
-    return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
 
 
 def set_backbone_frozen(model: nn.Module, architecture: str, frozen: bool) -> None:
