@@ -27,6 +27,7 @@ from datasets.transforms import train_transform
 from datasets.triplet_dataset import TripletFaceDataset
 from errors import InputError
 from losses import TripletLoss, batch_all_triplets, batch_hard_triplets, triplet_selection_mask
+from losses.triplet_loss import with_nonfinite_of
 from training.builders import build_embedding_model, build_optimizer
 from training.cli import (
     base_parser,
@@ -231,9 +232,9 @@ def online_triplet_loss(
     if rule == "batch_hard":
         # one triplet per anchor: three (N, D) gathers are cheaper than over_batch's (N, N, D) differences.
         # index_select, not indexing: on the CPU its backward sums each embedding's rows in a fixed order, so
-        # a seeded run repeats exactly; the zero-weighted sum makes a non-finite embedding skip the step
+        # a seeded run repeats exactly
         picked = [embeddings.index_select(0, indices) for indices in (anchors, positives, negatives)]
-        loss = loss_fn(*picked) + embeddings.sum() * 0.0
+        loss = with_nonfinite_of(loss_fn(*picked), embeddings)
     else:  # batch-all: about N^2 K triplets, so one (N, N) distance matrix
         loss = loss_fn.over_batch(embeddings, anchors, positives, negatives)
     return loss, torch.tensor(float(anchors.numel()), device=embeddings.device)

@@ -27,6 +27,15 @@ def paired_distances(x: torch.Tensor, y: torch.Tensor, squared: bool = False) ->
     return distances.pow(2) if squared else distances
 
 
+def with_nonfinite_of(loss: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``loss``, made non-finite when any of ``values`` is (a zero-weighted sum: gradients are unchanged).
+
+    An embedding that is NaN or inf but in no chosen triplet leaves the loss finite, yet its NaN still
+    reaches the gradients of finite embeddings through the backward of the masked-out or unused entries; a
+    non-finite loss makes the engine skip the step instead of stepping on those gradients."""
+    return loss + values.sum() * 0.0
+
+
 def distance_matrix(embeddings: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """All pairwise Euclidean distances of a batch, (N, N), in fp32, also under autocast (which would run the
     Gram product in bf16 / fp16 and let rounding change which triplets are mined)."""
@@ -69,10 +78,7 @@ class TripletLoss(nn.Module):
         losses = F.relu(positive_distances - negative_distances + self.margin)
         if mask is None:
             return losses.mean()
-        # a non-finite embedding outside the mask would still send NaN gradients through the masked-out
-        # entries' backward while the loss stayed finite; the zero-weighted sum makes the loss non-finite too,
-        # so the engine skips the step instead of stepping on NaN gradients
-        return torch.where(mask, losses, 0.0).sum() / mask.sum().clamp_min(1) + losses.sum() * 0.0
+        return with_nonfinite_of(torch.where(mask, losses, 0.0).sum() / mask.sum().clamp_min(1), losses)
 
     def over_batch(
         self,
@@ -99,9 +105,9 @@ class TripletLoss(nn.Module):
         # run repeats exactly (indexing's backward accumulates them in parallel)
         positive_distances = distances.index_select(0, anchors * size + positives)
         negative_distances = distances.index_select(0, anchors * size + negatives)
-        # + 0 * every distance: a non-finite embedding in no triplet still sends NaN gradients through the
-        # matrix; it makes the loss non-finite too, so the engine skips the step (as in forward's masked form)
-        return F.relu(positive_distances - negative_distances + self.margin).mean() + distances.sum() * 0.0
+        return with_nonfinite_of(
+            F.relu(positive_distances - negative_distances + self.margin).mean(), distances
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}"
