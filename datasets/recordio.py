@@ -22,8 +22,9 @@ mxnet no longer installs on current Python, so this is a reader and writer of ou
 takes them from the identity records (one small record per identity, stored together after the images), so an
 MS1M-sized .rec (5.8M images) is not read from end to end at every start: face records are about the size of
 a disk page, and reading a few bytes of each would read nearly the whole file. Past 2^24 keys (Glint360K,
-WebFace42M) the identity records' float32 ranges are inexact, and each image's label is read instead. Without identity records it reads
-the first 36 bytes of each image record, by a vectorised gather from a memory map of the .rec.
+WebFace42M) the identity records' float32 ranges are inexact, and each image's label is read instead; so it
+is without identity records: the first 36 bytes of each image record, by a vectorised gather from a memory
+map of the .rec.
 `datasets/recordio_writer.py` packs a folder of identity folders, resumably.
 """
 
@@ -167,11 +168,19 @@ class RecordIOReader:
         row = np.searchsorted(self.keys, key)
         return bool(row < len(self.keys) and self.keys[row] == key)
 
+    def _rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The index rows of `keys`, and which of the keys the index lacks."""
+        rows = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return rows, self.keys[rows] != keys
+
+    def has_all(self, keys) -> bool:
+        """Whether the index lists every one of `keys` (an array)."""
+        return not self._rows(np.asarray(keys, dtype=np.int64))[1].any()
+
     def offsets_of(self, keys) -> np.ndarray:
         """Byte offsets of `keys` (an array); a key not in the index raises InputError."""
         keys = np.asarray(keys, dtype=np.int64)
-        rows = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        missing = self.keys[rows] != keys
+        rows, missing = self._rows(keys)
         if missing.any():
             raise InputError(f"{self.idx_path}: no record with key {keys[int(np.argmax(missing))]}")
         return self.offsets[rows]
@@ -422,8 +431,7 @@ def labels_from_identity_records(reader: RecordIOReader, keys: np.ndarray) -> np
     if not identity_end.is_integer() or not image_end < identity_end <= MAX_EXACT_FLOAT32_INT:
         return None
     identity_keys = np.arange(image_end, int(identity_end), dtype=np.int64)
-    rows = np.minimum(np.searchsorted(reader.keys, identity_keys), len(reader.keys) - 1)
-    if not np.array_equal(reader.keys[rows], identity_keys):
+    if not reader.has_all(identity_keys):
         return None
     ranges = read_labels(reader, identity_keys, columns=2)
     first, end = ranges[:, 0], ranges[:, 1]
