@@ -357,30 +357,25 @@ class Trainer:
             out = self.task.step(self.step_module, batch)
         verdict = agree_on_step(out, stop.signal_name is not None, runtime)
         self.stop_agreed = self.stop_agreed or verdict.stop
-        if not verdict.nonfinite and verdict.count == 0:
-            # no process's batch held a triplet (one identity only, or only singletons): nothing to learn from,
-            # and an optimizer step on zero gradients would still move the weights (momentum, weight decay)
-            self.steps_completed += 1
-            totals.skipped_steps += 1
-            for optimizer in self.task.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            return
-        if not verdict.nonfinite:
+        self.steps_completed += 1  # also for a skipped step: the data and the model ran
+        if not verdict.nonfinite and verdict.count > 0:
             self.consecutive_nonfinite = 0
             loss = loss_for_ddp(out, verdict.count, runtime.world_size)
-            self.steps_completed += 1
             if backward_and_step(self.task, loss, self.scaler, self.args.clip_grad_norm, runtime):
                 totals.loss_sum += verdict.loss_sum
                 totals.count += verdict.count
             else:  # an fp16 gradient overflow: nothing trained; the scaler lowered its scale
                 totals.skipped_steps += 1
             return
-        self.steps_completed += 1  # a skipped step was taken all the same: the data and the model ran
         totals.skipped_steps += 1
-        totals.nonfinite_steps += 1
-        self.consecutive_nonfinite += 1
         for optimizer in self.task.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        if not verdict.nonfinite:
+            # no process's batch held a triplet (one identity only, or only singletons): nothing to learn from,
+            # and an optimizer step on zero gradients would still move the weights (momentum, weight decay)
+            return
+        totals.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
         log.warning(f"epoch {epoch + 1} step {step}: non-finite loss, step skipped")
         if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDiverged(
